@@ -1,0 +1,120 @@
+"""Command line: python -m pipeline STAGE [-S key=value ...]
+
+The same override syntax as `dvc exp run -S`, for people who use neither DVC nor MLflow.
+Overrides apply to this invocation only; params.yaml is not changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline import config as config_module
+from pipeline.data import DataError
+from pipeline.models import ModelFileError
+from pipeline.paths import MODEL_NAMES
+
+STAGES = {
+    "download": "fetch and verify the CIFAR-10 archive (data.url, data.md5) into data/raw/",
+    "normalize": "split train/validation, standardize with train statistics, write data/normalized/",
+    "train": "train one model (baseline or resnet) and record it in MLflow",
+    "evaluate": "compare both models on train/validation/test, write the report, register the ResNet",
+    "all": "run every stage in order, all in one MLflow parent run",
+}
+
+# Shortcuts for the most-changed training params, shared with the MLproject entry points.
+# Each maps to train.<model>.<key>; an empty value means "as params.yaml says".
+SHORTCUTS = {
+    "epochs": "epochs",
+    "lr": "optimizer.lr",
+    "batch_size": "batch_size",
+    "weight_decay": "optimizer.weight_decay",
+    "label_smoothing": "label_smoothing",
+    "dropout": "model.dropout",
+    "seed": "seed",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="CIFAR-10: a ResNet with skip connections against an overfitting CNN.",
+        epilog="stages:\n" + "\n".join(f"  {name:<10} {text}" for name, text in STAGES.items())
+        + "\n\nexample: python -m pipeline all -S train.resnet.epochs=5 -S train.baseline.epochs=5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("stage", choices=list(STAGES), help="the stage to run (see below)")
+    parser.add_argument("model", nargs="?", choices=MODEL_NAMES, help="for train: which model")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, as in `dvc exp run -S` (repeatable)")
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    for name in SHORTCUTS:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", metavar="VALUE",
+                            help=f"train.<model>.{SHORTCUTS[name]} (for train: the chosen model; for all: "
+                            + ("the resnet" if name == "dropout" else "both models") + ")")
+    args = parser.parse_args(argv)
+    if args.stage == "train" and args.model is None:
+        parser.error("train needs a model: python -m pipeline train {baseline,resnet}")
+    if args.stage != "train" and args.model is not None:
+        parser.error(f"'{args.model}' is only taken by the train stage")
+    return args
+
+
+def shortcut_overrides(args: argparse.Namespace) -> list[str]:
+    targets = [args.model] if args.model else list(MODEL_NAMES)
+    overrides = []
+    for name, key in SHORTCUTS.items():
+        value = str(getattr(args, name)).strip()
+        if not value:
+            continue
+        for model in targets:
+            if name == "dropout" and model == "baseline":
+                if args.model == "baseline":
+                    raise config_module.ConfigError("--dropout: the baseline CNN has no dropout (it is the 'before')")
+                continue
+            overrides.append(f"train.{model}.{key}={value}")
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides = shortcut_overrides(args) + args.overrides
+        config = config_module.load(args.params, overrides)
+        progress = not args.no_progress
+        # Imported here so that --help and config errors answer without loading torch and mlflow.
+        from pipeline.stages import download, evaluate, normalize, train
+
+        if args.stage == "download":
+            download.run(config)
+        elif args.stage == "normalize":
+            normalize.run(config)
+        elif args.stage == "train":
+            train.run(config, args.model, progress=progress)
+        elif args.stage == "evaluate":
+            evaluate.run(config)
+        else:
+            from pipeline import tracking
+
+            # Under `mlflow run`, its run is the parent of the stage runs.
+            parent = os.environ.pop("MLFLOW_RUN_ID", None)
+            if parent is None:
+                parent = tracking.parent_run(config)
+            download.run(config)
+            normalize.run(config)
+            for model in MODEL_NAMES:
+                train.run(config, model, parent_run_id=parent, progress=progress)
+            evaluate.run(config, parent_run_id=parent)
+    except (config_module.ConfigError, DataError, ModelFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch is checkpointed; rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The one typed configuration of the pipeline, loaded from params.yaml.
+
+Every stage, the MLflow records and the command line read their parameters from here. DVC's
+`-S` and a hand-edited params.yaml accept any key, so the schema rejects unknown keys, wrong
+types and out-of-range values itself, naming the key and what it allows.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+MAX_EPOCHS = 30  # the experiment's rule: at most 30 training epochs
+
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) does not describe a valid run."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_augmentation(cls, data: Any) -> Any:
+        # The experiment's rule, stated where someone would try to break it.
+        if isinstance(data, dict):
+            for key in data:
+                name = str(key).lower()
+                if "augment" in name or name in {"transform", "transforms", "tta"}:
+                    raise ValueError(
+                        f"'{key}': the experiment allows no data augmentation of any kind "
+                        "(no random transforms, no test-time augmentation); remove this key"
+                    )
+        return data
+
+
+class DataConfig(Strict):
+    url: str = OFFICIAL_URL
+    md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = OFFICIAL_MD5
+    val_size: Annotated[int, Field(ge=10)] = 5000
+    seed: int = 0
+
+
+class BaselineModelConfig(Strict):
+    arch: Literal["baseline"] = "baseline"
+    widths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=5)] = [32, 64, 128]
+    hidden: Annotated[int, Field(ge=1)] = 256
+
+
+class ResNetModelConfig(Strict):
+    arch: Literal["resnet"] = "resnet"
+    width: Annotated[int, Field(ge=1)] = 64
+    # One entry per stage: how many residual blocks it holds. Stage i has width * 2**i channels.
+    blocks: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=5)] = [2, 2]
+    dropout: Probability = 0.0
+    stochastic_depth: Probability = 0.0
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    nesterov: bool = False
+
+
+class TrainConfig(Strict):
+    model: Annotated[BaselineModelConfig | ResNetModelConfig, Field(discriminator="arch")]
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    warmup_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # onecycle only
+    label_smoothing: Probability = 0.0
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    seed: int = 0
+    # Which epoch's weights become the stage's model. "best_val_under_target": the best
+    # validation accuracy among epochs whose training accuracy (running, training mode)
+    # stays below select_train_acc_max; falls back to the last epoch if none does.
+    select: Literal["last", "best_val", "best_val_under_target"] = "last"
+    select_train_acc_max: Annotated[float, Field(gt=0.0, le=1.0)] = 0.92
+
+
+
+class TrainingConfig(Strict):
+    experiment: str = "cifar10-resnet-vs-cnn"
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    deterministic: bool = False
+    # Size of the fixed, seeded subset of the train split scored in eval mode every epoch (0: all).
+    eval_train_size: Annotated[int, Field(ge=0)] = 10000
+    eval_batch_size: Annotated[int, Field(ge=1)] = 1024
+    log_model: bool = True
+    baseline: TrainConfig
+    resnet: TrainConfig
+
+    @model_validator(mode="after")
+    def _models_match_names(self) -> "TrainingConfig":
+        if self.baseline.model.arch != "baseline" or self.resnet.model.arch != "resnet":
+            raise ValueError("train.baseline.model.arch must be 'baseline' and train.resnet.model.arch 'resnet'")
+        return self
+
+
+class Targets(Strict):
+    val_acc_min: Annotated[float, Field(ge=0.0, le=1.0)] = 0.85
+    train_acc_max: Annotated[float, Field(ge=0.0, le=1.0)] = 0.92
+    max_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
+
+
+class EvaluateConfig(Strict):
+    registered_model: str = "cifar10-resnet"
+    targets: Targets = Targets()
+
+
+class Config(Strict):
+    data: DataConfig = DataConfig()
+    train: TrainingConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections (dotted paths), to match outputs to the params that made them."""
+        dumped = self.model_dump(mode="json")
+        picked = {s: _get(dumped, s.split(".")) for s in sections}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _get(tree: dict, keys: list[str]) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.resnet.epochs=5' -> (['train', 'resnet', 'epochs'], 5); the value is read as YAML, as DVC does."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.resnet.epochs=5)")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{key}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _describe(error: dict) -> str:
+    # Pydantic puts the discriminator's tag into the path; drop it so the path is the params key.
+    parts = [str(p) for p in error["loc"]]
+    if len(parts) >= 3 and parts[-3] == "model" and parts[-2] in {"baseline", "resnet"}:
+        parts.pop(-2)
+    elif len(parts) >= 2 and parts[-2] == "model" and parts[-1] in {"baseline", "resnet"}:
+        parts.pop()
+    loc = ".".join(parts)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check its spelling; see params.yaml for the allowed keys)"
+    shown = error.get("input")
+    got = "" if error["type"] in {"missing", "extra_forbidden"} or isinstance(shown, dict) else f" (got {shown!r})"
+    return f"  {loc}: {message}{got}"
+
+
+def from_dict(raw: dict, source: str = "params") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration in {source}:\n{lines}") from None
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (data, train, evaluate)")
+    return from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested params as dotted keys, the way DVC and MLflow show them."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,170 @@
+"""The two models of the experiment: the overfitting baseline CNN and a ResNet written from scratch.
+
+The ResNet follows He et al. (2016), "Deep Residual Learning for Image Recognition", in the
+CIFAR form: a 3x3 stem, stages of BasicBlocks that double the width and halve the resolution,
+global average pooling and one linear classifier.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import BaselineModelConfig, ResNetModelConfig
+
+NUM_CLASSES = 10
+
+
+class BaselineCNN(nn.Module):
+    """The problem statement's simple CNN: conv-conv-pool groups and a dense head, no regularization."""
+
+    def __init__(self, widths: list[int], hidden: int, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for width in widths:
+            layers += [
+                nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        side = 32 // 2 ** len(widths)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)  # BN follows: no bias
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch of a sample with probability p while training (Huang et al., 2016)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = torch.empty(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(keep)
+        return x * mask / keep  # rescaled so that eval mode needs no correction
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm; the shortcut is added before the last ReLU.
+
+    The shortcut is the identity when the shape is unchanged, else `downsample`: a strided 1x1
+    convolution with batch norm that matches the branch's channels and resolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.drop_path = StochasticDepth(drop_path)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(self.drop_path(out) + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(
+        self,
+        width: int,
+        blocks: list[int],
+        dropout: float = 0.0,
+        stochastic_depth: float = 0.0,
+        num_classes: int = NUM_CLASSES,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        total = sum(blocks)
+        stages: list[nn.Module] = []
+        in_channels, index = width, 0
+        for stage, count in enumerate(blocks):
+            out_channels = width * 2 ** stage
+            layers: list[nn.Module] = []
+            for i in range(count):
+                stride = 2 if stage > 0 and i == 0 else 1
+                # Deeper blocks are dropped more often: linear rule of the stochastic depth paper.
+                drop_path = stochastic_depth * index / max(total - 1, 1)
+                layers.append(BasicBlock(in_channels, out_channels, stride, drop_path))
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
+                in_channels, index = out_channels, index + 1
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # Each residual branch starts as zero, so every block starts as the identity (Goyal et al., 2017).
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
+    if isinstance(config, ResNetModelConfig):
+        return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth)
+    return BaselineCNN(config.widths, config.hidden)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class ModelFileError(RuntimeError):
+    """A saved model is missing or does not match the params."""
+
+
+def save(path, config: BaselineModelConfig | ResNetModelConfig, state_dict: dict, **info) -> None:
+    """The state_dict with the model config that rebuilds it (no pickled classes)."""
+    torch.save({"config": config.model_dump(mode="json"), "state_dict": state_dict, **info}, path)
+
+
+def load(path, expected: BaselineModelConfig | ResNetModelConfig, stage: str) -> tuple[nn.Module, dict]:
+    """Rebuild a saved model, refusing one trained with another model config than params say."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path} not found: train it first (dvc repro {stage})")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    wanted = expected.model_dump(mode="json")
+    if saved["config"] != wanted:
+        raise ModelFileError(
+            f"{path} was trained with model config {saved['config']}, but params.yaml now says {wanted}: "
+            f"retrain it (dvc repro {stage}) or restore the params it was trained with"
+        )
+    model = build_model(expected)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved

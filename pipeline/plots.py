@@ -1,0 +1,47 @@
+"""Figures for people: learning curves and confusion matrices (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+
+def learning_curves(histories: dict[str, pd.DataFrame], target_val: float | None = None,
+                    target_train: float | None = None) -> plt.Figure:
+    """Accuracy and loss per epoch, train (running, training mode) solid and validation dashed."""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for (name, history), color in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        acc_ax.plot(history["epoch"], history["train_acc"], color=color, label=f"{name} train")
+        acc_ax.plot(history["epoch"], history["val_acc"], color=color, linestyle="--", label=f"{name} validation")
+        loss_ax.plot(history["epoch"], history["train_loss"], color=color, label=f"{name} train")
+        loss_ax.plot(history["epoch"], history["val_loss"], color=color, linestyle="--", label=f"{name} validation")
+    if target_val is not None:
+        acc_ax.axhline(target_val, color="gray", linewidth=0.8, linestyle=":", label=f"val target > {target_val:.0%}")
+    if target_train is not None:
+        acc_ax.axhline(target_train, color="black", linewidth=0.8, linestyle=":",
+                       label=f"train target < {target_train:.0%}")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    acc_ax.legend(fontsize=8)
+    loss_ax.legend(fontsize=8)
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrices(matrices: dict[str, np.ndarray], classes: list[str]) -> plt.Figure:
+    fig, axes = plt.subplots(1, len(matrices), figsize=(6.5 * len(matrices), 6))
+    for ax, (name, matrix) in zip(np.atleast_1d(axes), matrices.items()):
+        ConfusionMatrixDisplay(matrix, display_labels=classes).plot(
+            ax=ax, colorbar=False, xticks_rotation=45, values_format="d"
+        )
+        ax.set_title(f"{name} (test)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,109 @@
+"""Stage evaluate: both models -> metrics/evaluate.json, plots/evaluate/, reports/, an MLflow run,
+and the ResNet in the Model Registry (alias "champion" only when every target holds)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from pipeline import data, evaluate, models, paths, plots, tracking
+from pipeline.config import Config
+from pipeline.data import replacing_dir
+from pipeline.models import ModelFileError
+from pipeline.stages.train import fingerprint
+from pipeline.train import device_name, select_device
+
+CHAMPION = "champion"
+
+
+def _trained(config: Config, name: str) -> tuple:
+    model, saved = models.load(paths.model_file(name), getattr(config.train, name).model, f"train_{name}")
+    if saved.get("fingerprint") != fingerprint(config, name):
+        raise ModelFileError(
+            f"{paths.model_file(name)} was trained with other params (data or train.{name}) than params.yaml "
+            f"says now: retrain it (dvc repro train_{name})"
+        )
+    for needed in (paths.metrics_file(name), paths.history_file(name), paths.model_tracking_file(name)):
+        if not needed.exists():
+            raise ModelFileError(f"{needed} not found: rerun the training stage (dvc repro train_{name})")
+    summary = json.loads(paths.metrics_file(name).read_text())
+    tracked = json.loads(paths.model_tracking_file(name).read_text())
+    return model, summary, pd.read_csv(paths.history_file(name)), tracked
+
+
+def run(config: Config, parent_run_id: str | None = None) -> dict:
+    splits = {name: data.load_split(paths.NORMALIZED, name) for name in data.SPLITS}
+    stats = data.load_stats(paths.NORMALIZED)
+    classes = stats["classes"]
+    device = select_device(config.train.device)
+
+    rows, histories, tracked = {}, {}, {}
+    for name in paths.MODEL_NAMES:
+        model, summary, histories[name], tracked[name] = _trained(config, name)
+        rows[name] = evaluate.evaluate_model(model, splits, device, config.train.eval_batch_size, len(classes))
+        rows[name]["trained"] = summary
+    targets = evaluate.check_targets(config, rows["resnet"], rows["resnet"]["trained"], classes)
+    all_hold = all(t["holds"] for t in targets.values())
+
+    metrics = {
+        name: {
+            **{k: r[k] for k in ("train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "gap")},
+            "train_running_acc": r["trained"]["train_acc"],
+            "selected_epoch": r["trained"]["selected_epoch"],
+            "parameters": r["trained"]["parameters"],
+            "train_time_s": r["trained"]["train_time_s"],
+            "per_class_test_acc": dict(zip(classes, r["per_class_acc"])),
+        }
+        for name, r in rows.items()
+    }
+    metrics["targets"] = {name: t["holds"] for name, t in targets.items()}
+    metrics["all_targets_hold"] = all_hold
+
+    table = evaluate.comparison_table(rows)
+    per_class = pd.DataFrame({name: r["per_class_acc"] for name, r in rows.items()}, index=classes)
+    per_class.index.name = "class"
+    limits = config.evaluate.targets
+    with replacing_dir(paths.REPORTS) as report_dir:
+        plots.learning_curves(histories, limits.val_acc_min, limits.train_acc_max).savefig(
+            report_dir / "learning_curves.png", dpi=110)
+        plots.confusion_matrices({n: r["confusion"] for n, r in rows.items()}, classes).savefig(
+            report_dir / "confusion_matrices.png", dpi=90)
+        evaluate.write_report(report_dir / "report.md", table, targets, per_class, device_name(device))
+    with replacing_dir(paths.PLOTS / "evaluate") as plot_dir:
+        for name, r in rows.items():
+            pd.DataFrame({"actual": [classes[i] for i in splits["test"].labels],
+                          "predicted": [classes[i] for i in r["predicted"]]}).to_csv(
+                plot_dir / f"confusion_{name}.csv", index=False)
+    paths.METRICS.mkdir(exist_ok=True)
+    (paths.METRICS / "evaluate.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    with tracking.stage_run(config, "evaluate", run_name="evaluate", parent_run_id=parent_run_id):
+        mlflow.set_tags({f"{name}.run_id": tracked[name]["run_id"] for name in paths.MODEL_NAMES})
+        mlflow.set_tags({**tracking.data_tags(stats), "all_targets_hold": str(all_hold).lower()})
+        mlflow.log_metrics({f"{name}_{k}": v for name in paths.MODEL_NAMES for k, v in metrics[name].items()
+                            if isinstance(v, (int, float))})
+        mlflow.log_artifacts(str(paths.REPORTS), artifact_path="report")
+        mlflow.log_dict(metrics, "evaluate.json")
+        registered = _register(config, tracked["resnet"]["model_uri"], all_hold)
+    print(table.to_string())
+    print("all targets hold" if all_hold else "not every target holds: see reports/report.md")
+    if registered:
+        print(registered)
+    return metrics
+
+
+def _register(config: Config, model_uri: str | None, all_hold: bool) -> str | None:
+    """Register the ResNet; give it the champion alias only if every target holds."""
+    if model_uri is None:
+        return None  # train.log_model is off: nothing to register
+    name = config.evaluate.registered_model
+    version = mlflow.register_model(model_uri, name).version
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "all_targets_hold", str(all_hold).lower())
+    if all_hold:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return f"registered {name} version {version} with alias @{CHAMPION}"
+    return f"registered {name} version {version}, without @{CHAMPION}: not every target holds"

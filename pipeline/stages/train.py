@@ -1,0 +1,83 @@
+"""Stages train_baseline and train_resnet: data/normalized/ -> models/<name>/, metrics/<name>.json,
+plots/<name>/history.csv, and one MLflow run with params, per-epoch metrics, datasets and the model."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+
+from pipeline import data, models, paths, plots, tracking
+from pipeline.config import Config
+from pipeline.train import fit, load_checkpoint
+
+
+def fingerprint(config: Config, name: str) -> str:
+    """What a trained model depends on: the data and its own section of params."""
+    return config.fingerprint("data", f"train.{name}", "train.eval_train_size", "train.deterministic")
+
+
+def run(config: Config, name: str, parent_run_id: str | None = None, progress: bool = True) -> dict:
+    train_cfg = getattr(config.train, name)
+    train = data.load_split(paths.NORMALIZED, "train")
+    val = data.load_split(paths.NORMALIZED, "val")
+    stats = data.load_stats(paths.NORMALIZED)
+    key = fingerprint(config, name)
+    checkpoint = paths.checkpoint_file(name)
+    resume = load_checkpoint(checkpoint, key)
+
+    with tracking.stage_run(config, f"train_{name}", run_name=name, parent_run_id=parent_run_id,
+                            resume_run_id=resume["run_id"] if resume else None) as run:
+        mlflow.set_tags({"model": name, **tracking.data_tags(stats)})
+        if resume is None:
+            tracking.log_params({"data": config.data.model_dump(mode="json"),
+                                 "train": {k: v for k, v in config.train.model_dump(mode="json").items()
+                                           if k not in paths.MODEL_NAMES},
+                                 name: train_cfg.model_dump(mode="json")})
+            tracking.log_datasets({"train": train, "val": val}, stats, source=str(paths.NORMALIZED))
+
+        result = fit(
+            train_cfg, config.train, train, val, checkpoint, key,
+            on_epoch=lambda record: mlflow.log_metrics(record, step=record["epoch"]),
+            resume=resume, run_id=run.info.run_id, progress=progress,
+        )
+        mlflow.set_tag("device", tracking.environment_tags(result.device)["device"])
+        history = pd.DataFrame(result.history)
+        chosen = history.loc[history["epoch"] == result.selected_epoch].iloc[0]
+        summary = {
+            "selected_epoch": int(result.selected_epoch),
+            "epochs": int(train_cfg.epochs),
+            "select": train_cfg.select,
+            "train_acc": float(chosen["train_acc"]),
+            "train_eval_acc": float(chosen["train_eval_acc"]),
+            "val_acc": float(chosen["val_acc"]),
+            "val_loss": float(chosen["val_loss"]),
+            "train_loss": float(chosen["train_loss"]),
+            "train_time_s": float(history["epoch_time_s"].sum()),
+            "images_per_s": float(history["images_per_s"].median()),
+            "parameters": models.count_parameters(result.model),
+        }
+
+        # The DVC outputs come first: a tracking failure after this point loses no trained model.
+        paths.model_file(name).parent.mkdir(parents=True, exist_ok=True)
+        models.save(paths.model_file(name), train_cfg.model, result.state, fingerprint=key,
+                    selected_epoch=result.selected_epoch)
+        paths.metrics_file(name).parent.mkdir(parents=True, exist_ok=True)
+        paths.metrics_file(name).write_text(json.dumps(summary, indent=2) + "\n")
+        paths.history_file(name).parent.mkdir(parents=True, exist_ok=True)
+        history.to_csv(paths.history_file(name), index=False)
+
+        mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.set_tag("select", f"{train_cfg.select} -> epoch {result.selected_epoch}")
+        mlflow.log_artifact(str(paths.history_file(name)))
+        mlflow.log_figure(plots.learning_curves({name: history}), "learning_curves.png")
+        model_uri = None
+        if config.train.log_model:
+            model_uri = tracking.log_model(result.model, val.images[:4].astype("float32"))
+        paths.model_tracking_file(name).write_text(json.dumps(
+            {"run_id": run.info.run_id, "model_uri": model_uri, "experiment": config.train.experiment}, indent=2
+        ) + "\n")
+    print(f"{name}: epoch {summary['selected_epoch']} selected ({train_cfg.select}); train acc "
+          f"{summary['train_acc']:.4f} (eval {summary['train_eval_acc']:.4f}), val acc {summary['val_acc']:.4f}")
+    return summary

@@ -1,0 +1,297 @@
+"""One training loop for both models: in-memory tensors, per-epoch checkpoints, a declared selection rule.
+
+Read it top to bottom: `fit` builds the model, optimizer and schedule from a TrainConfig, then
+each epoch trains (recording the running, training-mode accuracy that the problem statement's
+98%/92% refer to), scores a fixed train subset and the validation split in eval mode, applies
+the selection rule, writes a checkpoint and reports the epoch to a callback (MLflow).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from pipeline.config import TrainConfig, TrainingConfig
+from pipeline.data import Split
+from pipeline.models import build_model
+
+CHECKPOINT_VERSION = 1
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible: set train.device to auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("train.device is 'mps' but Apple MPS is not available: set train.device to auto or cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def to_device_tensor(split: Split, device: torch.device) -> tuple[Tensor, Tensor]:
+    images = torch.from_numpy(split.images).to(device=device, dtype=torch.float32)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.from_numpy(split.labels).to(device)
+
+
+def autocast(device: torch.device):
+    # bf16 on CUDA: tensor-core speed without the loss scaling that fp16 needs.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    """Logits (float32) for images already on the model's device, in eval mode."""
+    model.eval()
+    device = images.device
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        with autocast(device):
+            outputs.append(model(images[start:start + batch_size]).float())
+    return torch.cat(outputs)
+
+
+def score(logits: Tensor, labels: Tensor) -> tuple[float, float]:
+    """(cross-entropy loss, accuracy) without label smoothing, so both models are comparable."""
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Stepped once per batch."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps, pct_start=cfg.warmup_fraction
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    """This epoch's shuffled index batches. Seeded by (seed, epoch) so a resumed run sees the same order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) < 2:
+        chunks.pop()  # batch norm cannot train on a single image
+    return chunks
+
+
+def is_selectable(cfg: TrainConfig, record: dict) -> bool:
+    return cfg.select != "best_val_under_target" or record["train_acc"] < cfg.select_train_acc_max
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # the selected weights, on the training device, eval mode
+    history: list[dict]
+    selected_epoch: int
+    device: torch.device
+    state: dict = field(repr=False, default_factory=dict)
+
+
+def fit(
+    cfg: TrainConfig,
+    settings: TrainingConfig,
+    train: Split,
+    val: Split,
+    checkpoint_path: Path,
+    fingerprint: str,
+    on_epoch: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    run_id: str | None = None,
+    progress: bool = True,
+) -> FitResult:
+    device = select_device(settings.device)
+    seed_everything(cfg.seed, settings.deterministic)
+    model = build_model(cfg.model).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = not settings.deterministic
+
+    x_train, y_train = to_device_tensor(train, device)
+    x_val, y_val = to_device_tensor(val, device)
+    # A fixed, seeded subset of the train split, scored in eval mode: the "clean" training accuracy.
+    subset = settings.eval_train_size or len(y_train)
+    pick = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed))[:subset].to(device)
+    x_eval, y_eval = x_train[pick], y_train[pick]
+
+    steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0))
+    optimizer = make_optimizer(cfg, model.parameters())
+    schedule = make_schedule(cfg, optimizer, cfg.epochs * steps_per_epoch)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    history: list[dict] = []
+    best = {"epoch": 0, "val_acc": -1.0, "state": None}
+    start_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        history, best = resume["history"], resume["best"]
+        start_epoch = resume["epoch"] + 1
+        torch.set_rng_state(resume["rng_cpu"])
+        if device.type == "cuda" and resume.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(resume["rng_cuda"])
+        print(f"resuming from {checkpoint_path} after epoch {resume['epoch']} of {cfg.epochs}")
+
+    scored = ema if ema is not None else model  # the weights that are evaluated and selected
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(batches(len(y_train), cfg.batch_size, cfg.seed, epoch), desc=f"epoch {epoch}/{cfg.epochs}",
+                   unit="batch", leave=False, disable=not progress)
+        for step, index in enumerate(bar):
+            index = index.to(device)
+            images, labels = x_train[index], y_train[index]
+            with autocast(device):
+                logits = model(images)
+                loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            # Running figures stay on the device: no host sync per step.
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - started
+
+        train_eval_loss, train_eval_acc = score(predict(scored, x_eval, settings.eval_batch_size), y_eval)
+        val_loss, val_acc = score(predict(scored, x_val, settings.eval_batch_size), y_val)
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": correct.item() / seen,
+            "train_eval_loss": train_eval_loss,
+            "train_eval_acc": train_eval_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": time.perf_counter() - started,
+            "images_per_s": seen / train_time,
+        }
+        history.append(record)
+        if is_selectable(cfg, record) and (cfg.select == "last" or val_acc > best["val_acc"]):
+            best = {"epoch": epoch, "val_acc": val_acc, "state": _cpu_state(scored)}
+        print(
+            f"epoch {epoch:2d}/{cfg.epochs}  loss {record['train_loss']:.4f}  train acc {record['train_acc']:.4f} "
+            f"(eval {train_eval_acc:.4f})  val loss {val_loss:.4f}  val acc {val_acc:.4f}  "
+            f"{record['epoch_time_s']:.1f}s  {record['images_per_s']:.0f} img/s",
+            flush=True,
+        )
+        if on_epoch is not None:
+            on_epoch(record)
+        save_checkpoint(checkpoint_path, {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": fingerprint,
+            "run_id": run_id,
+            "epoch": epoch,
+            "complete": epoch == cfg.epochs,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "history": history,
+            "best": best,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+        })
+
+    if best["state"] is None:
+        # The rule admitted no epoch (training accuracy never under the bound): fall back to the last.
+        print(f"no epoch had train_acc < {cfg.select_train_acc_max}: selecting the last epoch")
+        best = {"epoch": cfg.epochs, "val_acc": history[-1]["val_acc"], "state": _cpu_state(scored)}
+    selected = build_model(cfg.model).to(device)
+    selected.load_state_dict(best["state"])
+    selected.eval()
+    return FitResult(selected, history, best["epoch"], device, best["state"])
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    if isinstance(model, AveragedModel):
+        model = model.module
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Written to a temporary file, then renamed: a kill mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint of an unfinished run of this exact configuration, or None (start afresh)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a corrupt checkpoint is not worth failing for: retrain
+        print(f"ignoring unreadable checkpoint {path} ({exc}); training from scratch")
+        return None
+    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
+        print(f"checkpoint {path} is from other params; training from scratch")
+        return None
+    if state.get("complete"):
+        return None
+    return state
