@@ -48,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("model", nargs="?", choices=MODEL_NAMES, help="for train: which model")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, as in `dvc exp run -S` (repeatable)")
+    parser.add_argument("--set-list", default="", metavar="'K=V K=V'",
+                        help="several overrides in one space-separated string (for MLproject)")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     for name in SHORTCUTS:
@@ -81,7 +83,7 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        overrides = shortcut_overrides(args) + args.overrides
+        overrides = shortcut_overrides(args) + args.set_list.split() + args.overrides
         config = config_module.load(args.params, overrides)
         progress = not args.no_progress
         # Imported here so that --help and config errors answer without loading torch and mlflow.

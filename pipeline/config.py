@@ -145,7 +145,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.resnet.epochs=5)")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value of {key.strip()} is not valid YAML ({exc})") from None
+    return key.strip().split("."), parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -164,11 +168,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def _describe(error: dict) -> str:
     # Pydantic puts the discriminator's tag into the path; drop it so the path is the params key.
+    # The tag follows "model" at any depth (e.g. train.resnet.model.resnet.blocks.0).
     parts = [str(p) for p in error["loc"]]
-    if len(parts) >= 3 and parts[-3] == "model" and parts[-2] in {"baseline", "resnet"}:
-        parts.pop(-2)
-    elif len(parts) >= 2 and parts[-2] == "model" and parts[-1] in {"baseline", "resnet"}:
-        parts.pop()
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "model" and parts[i] in {"baseline", "resnet"}:
+            del parts[i]
+            break
     loc = ".".join(parts)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":

@@ -81,7 +81,7 @@ def download(url: str, md5: str, out_dir: Path) -> Path:
     """
     out_dir = Path(out_dir)
     archive = out_dir / ARCHIVE_NAME
-    if check_integrity(str(archive), md5) and (out_dir / BATCH_DIR / META).exists():
+    if check_integrity(str(archive), md5) and not _missing_batches(out_dir / BATCH_DIR):
         print(f"{archive} is in place and its md5 matches {md5}: nothing to download")
         return archive
     local = _local_path(url)
@@ -133,7 +133,7 @@ def _extract(archive: Path, dest: Path, url: str) -> None:
             f"the archive from {url} matches data.md5 but cannot be extracted ({exc}): it is corrupt. "
             "Download it again from a good source and update data.md5. Nothing was kept."
         ) from None
-    missing = [n for n in [*TRAIN_BATCHES, TEST_BATCH, META] if not (dest / BATCH_DIR / n).exists()]
+    missing = _missing_batches(dest / BATCH_DIR)
     if missing:
         raise DataError(
             f"the archive from {url} is not CIFAR-10's python version: {BATCH_DIR}/ lacks {', '.join(missing)}. "
@@ -143,6 +143,10 @@ def _extract(archive: Path, dest: Path, url: str) -> None:
 
 # --- reading the official batches ----------------------------------------------------------
 
+def _missing_batches(batch_dir: Path) -> list[str]:
+    return [n for n in [*TRAIN_BATCHES, TEST_BATCH, META] if not (batch_dir / n).is_file()]
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
         return pickle.load(f, encoding="latin1")  # the official files are Python 2 pickles
@@ -150,6 +154,10 @@ def _unpickle(path: Path) -> dict:
 
 def read_batches(batch_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Train and test images as uint8 NCHW arrays, their labels, and the class names."""
+    missing = _missing_batches(batch_dir)
+    if missing:
+        raise DataError(f"{batch_dir} lacks {', '.join(missing)}: run the download stage first (dvc repro download)")
+
     def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         batches = [_unpickle(batch_dir / n) for n in names]
         images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)

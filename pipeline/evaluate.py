@@ -98,7 +98,7 @@ def write_report(path: Path, table: pd.DataFrame, targets: dict[str, dict], per_
         "",
         *[f"- {'✅ holds' if t['holds'] else '❌ missed'}: {t['rule']} — {t['value']}" for t in targets.values()],
         "",
-        f"**All targets {'hold' if all(t['holds'] for t in targets.values()) else 'do not hold'}.**",
+        "**Every target holds.**" if all(t["holds"] for t in targets.values()) else "**Not every target holds.**",
         "",
         "## Learning curves",
         "",

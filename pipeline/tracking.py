@@ -10,6 +10,7 @@ import hashlib
 import os
 import platform
 import subprocess
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -119,10 +120,13 @@ def log_params(params: dict) -> None:
 
 def log_datasets(splits: dict[str, Split], stats: dict, source: str) -> None:
     for context, split in splits.items():
-        dataset = mlflow.data.from_numpy(
-            split.images, targets=split.labels, source=source, name=f"cifar10-{context}",
-            digest=f"{stats['archive_md5'][:8]}-{context}-{len(split.labels)}",
-        )
+        with warnings.catch_warnings():
+            # MLflow registers two equivalent sources for local paths and warns that it picked one.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_numpy(
+                split.images, targets=split.labels, source=source, name=f"cifar10-{context}",
+                digest=f"{stats['archive_md5'][:8]}-{context}-{len(split.labels)}",
+            )
         mlflow.log_input(dataset, context="training" if context == "train" else "validation")
 
 

@@ -119,11 +119,16 @@ def write_params(directory: Path, params: dict) -> Path:
     return path
 
 
+def enter_project(directory: Path, monkeypatch: pytest.MonkeyPatch, params: dict) -> Path:
+    """Make directory the working directory, with these params and its own MLflow sqlite store."""
+    write_params(directory, params)
+    monkeypatch.chdir(directory)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{directory / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return directory
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, archive_url, tiny_archive):
     """A working directory with tiny params and its own MLflow sqlite store; yields the directory."""
-    write_params(tmp_path, tiny_params(archive_url, tiny_archive[1]))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    return tmp_path
+    return enter_project(tmp_path, monkeypatch, tiny_params(archive_url, tiny_archive[1]))

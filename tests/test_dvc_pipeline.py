@@ -1,0 +1,130 @@
+"""dvc.yaml end to end: `dvc repro`, `dvc exp run -S` and `dvc plots` in a temporary git repository,
+on a tiny archive served over HTTP from 127.0.0.1. The tests share one repository and run in file order."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, tiny_params, write_params
+
+BIN = Path(sys.executable).parent
+STAGES = ["download", "normalize", "train_baseline", "train_resnet", "evaluate"]
+
+
+def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def ran_stages(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, archive_url, tiny_archive) -> Path:
+    """A git repository holding the project's dvc.yaml and pipeline/ with tiny params, committed."""
+    repo = tmp_path_factory.mktemp("dvc") / "project"
+    repo.mkdir()
+    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", "data/.gitignore"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+    params = tiny_params(archive_url, tiny_archive[1])
+    params["train"]["log_model"] = True
+    params["evaluate"]["targets"].update(val_acc_min=0.0, train_acc_max=1.0)  # reachable: champion expected
+    write_params(repo, params)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "config", "core.analytics", "false")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny project")
+    return repo
+
+
+def test_repro_runs_all_five_stages(repo):
+    done = sh(repo, "dvc", "repro")
+    assert ran_stages(done.stdout) == STAGES
+    for path in ("data/raw/cifar-10-python.tar.gz", "data/normalized/stats.json", "models/baseline/model.pt",
+                 "models/resnet/model.pt", "metrics/evaluate.json", "reports/report.md",
+                 "plots/evaluate/confusion_resnet.csv"):
+        assert (repo / path).exists(), path
+    report = (repo / "reports/report.md").read_text()
+    assert "| validation accuracy" in report and "baseline" in report and "resnet" in report
+    assert json.loads((repo / "metrics/evaluate.json").read_text())["all_targets_hold"] is True
+
+
+def test_runs_of_one_repro_are_together_in_mlflow(repo):
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(experiment_names=["cifar10-resnet-vs-cnn"], output_format="list")
+        stages = {r.data.tags.get("dvc.stage"): r for r in runs if "dvc.stage" in r.data.tags}
+        assert set(stages) == {"train_baseline", "train_resnet", "evaluate"}
+        parents = {r.data.tags["mlflow.parentRunId"] for r in stages.values()}
+        assert len(parents) == 1, "one parent run groups the runs of one dvc repro"
+        champion = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")
+        images = np.load(repo / "data/normalized/test_images.npy")[:4].astype(np.float32)
+        assert np.asarray(champion.predict(images)).shape == (4, 10)
+        version = MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion")
+        assert version.run_id == stages["train_resnet"].info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_second_repro_is_up_to_date(repo):
+    done = sh(repo, "dvc", "repro")
+    assert ran_stages(done.stdout) == []
+    assert "up to date" in done.stdout.lower()
+
+
+def test_plots_and_metrics_render(repo):
+    shown = sh(repo, "dvc", "metrics", "show", "--json")
+    assert "evaluate.json" in shown.stdout
+    sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")
+    html = (repo / "dvc_plots/index.html").read_text()
+    assert "confusion_resnet.csv" in html and "history.csv" in html
+
+
+def test_a_resnet_param_reruns_only_the_resnet_and_evaluate(repo):
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "first repro")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["resnet"]["seed"] = 1
+    write_params(repo, params)
+    done = sh(repo, "dvc", "repro")
+    assert ran_stages(done.stdout) == ["train_resnet", "evaluate"]
+
+
+def test_exp_run_with_set_param_records_an_experiment_with_other_metrics(repo):
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "resnet seed 1")
+    done = sh(repo, "dvc", "exp", "run", "-S", "train.resnet.epochs=3", "-S", "train.log_model=false")
+    assert "train_resnet" in done.stdout
+    table = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    experiments = [e for commit in table for e in (commit.get("experiments") or [])]
+    assert experiments, "dvc exp show lists the new experiment"
+    baseline_metrics = json.loads((repo / "metrics/resnet.json").read_text())  # applied to the workspace
+    assert baseline_metrics["epochs"] == 3
+    diff = sh(repo, "dvc", "metrics", "diff", "HEAD", "--json")
+    assert "metrics/resnet.json" in json.loads(diff.stdout)
+
+
+def test_exp_run_refuses_an_invalid_value_with_the_key_named(repo):
+    done = sh(repo, "dvc", "exp", "run", "-S", "train.resnet.epochs=31", check=False)
+    assert done.returncode != 0
+    assert "train.resnet.epochs" in done.stdout + done.stderr

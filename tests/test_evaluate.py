@@ -1,0 +1,117 @@
+"""The evaluate stage: before/after figures, report, DVC plots, and the registry alias by the targets."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import config, data, paths
+from pipeline.models import ModelFileError
+from pipeline.stages import download, evaluate, normalize, train
+from tests.conftest import enter_project, tiny_params
+
+EASY = ["evaluate.targets.val_acc_min=0.0", "evaluate.targets.train_acc_max=1.0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, archive_url, tiny_archive):
+    """Both tiny models trained once, the ResNet's model logged; yields the project directory."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        directory = enter_project(tmp_path_factory.mktemp("evaluate"), monkeypatch,
+                                  tiny_params(archive_url, tiny_archive[1]))
+        cfg = config.load()
+        download.run(cfg)
+        normalize.run(cfg)
+        train.run(cfg, "baseline", progress=False)
+        train.run(config.load(overrides=["train.log_model=true"]), "resnet", progress=False)
+        yield directory
+
+
+def test_unmet_targets_register_the_model_without_the_champion_alias(trained):
+    metrics = evaluate.run(config.load(overrides=["train.log_model=true"]))
+    assert metrics["targets"]["val_acc"] is False  # tiny data and 2 epochs: far below 85%
+    assert metrics["all_targets_hold"] is False
+    model = MlflowClient().get_registered_model("cifar10-resnet")
+    assert "champion" not in model.aliases
+    report = (paths.REPORTS / "report.md").read_text()
+    assert "❌ missed: validation accuracy > 85%" in report
+
+
+def test_met_targets_give_the_champion_alias_and_it_predicts(trained):
+    metrics = evaluate.run(config.load(overrides=["train.log_model=true", *EASY]))
+    assert metrics["all_targets_hold"] is True
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("cifar10-resnet", "champion")
+    assert version.tags["all_targets_hold"] == "true"
+    champion = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")
+    images = data.load_split(paths.NORMALIZED, "test").images[:8].astype(np.float32)
+    assert np.asarray(champion.predict(images)).shape == (8, 10)
+
+
+def test_metrics_hold_before_after_figures_for_both_models(trained):
+    evaluate.run(config.load(overrides=EASY))
+    metrics = json.loads((paths.METRICS / "evaluate.json").read_text())
+    for name in ("baseline", "resnet"):
+        figures = metrics[name]
+        for key in ("train_acc", "val_acc", "test_acc", "gap", "train_running_acc", "parameters"):
+            assert key in figures, (name, key)
+        assert figures["gap"] == pytest.approx(figures["train_acc"] - figures["val_acc"])
+        assert set(figures["per_class_test_acc"]) == set(data.load_stats(paths.NORMALIZED)["classes"])
+    assert set(metrics["targets"]) == {"val_acc", "train_acc", "epochs", "no_augmentation", "cifar10_only"}
+
+
+def test_confusion_plots_match_the_test_split(trained):
+    evaluate.run(config.load(overrides=EASY))
+    test = data.load_split(paths.NORMALIZED, "test")
+    classes = data.load_stats(paths.NORMALIZED)["classes"]
+    metrics = json.loads((paths.METRICS / "evaluate.json").read_text())
+    for name in ("baseline", "resnet"):
+        frame = pd.read_csv(paths.PLOTS / "evaluate" / f"confusion_{name}.csv")
+        assert list(frame.columns) == ["actual", "predicted"]
+        assert list(frame["actual"]) == [classes[i] for i in test.labels]
+        assert (frame["actual"] == frame["predicted"]).mean() == pytest.approx(metrics[name]["test_acc"])
+
+
+def test_report_has_the_table_figures_and_target_lines(trained):
+    evaluate.run(config.load(overrides=EASY))
+    report = (paths.REPORTS / "report.md").read_text()
+    for row in ("training accuracy, running (train mode)", "training accuracy, clean (eval mode)",
+                "validation accuracy", "test accuracy", "generalization gap", "parameters", "training time"):
+        assert row in report
+    assert report.count("✅ holds") == 5
+    assert (paths.REPORTS / "learning_curves.png").stat().st_size > 10_000
+    assert (paths.REPORTS / "confusion_matrices.png").stat().st_size > 10_000
+
+
+def test_evaluate_run_logs_the_comparison_with_the_training_runs(trained):
+    evaluate.run(config.load(overrides=EASY))
+    runs = mlflow.search_runs(experiment_names=["cifar10-resnet-vs-cnn"], output_format="list",
+                              filter_string="tags.`dvc.stage` = 'evaluate'")
+    latest = runs[0]
+    resnet_run = json.loads(paths.model_tracking_file("resnet").read_text())["run_id"]
+    assert latest.data.tags["resnet.run_id"] == resnet_run
+    assert "resnet_val_acc" in latest.data.metrics and "baseline_gap" in latest.data.metrics
+    artifacts = {a.path for a in MlflowClient().list_artifacts(latest.info.run_id, "report")}
+    assert "report/report.md" in artifacts
+
+
+def test_a_missing_model_is_a_clear_error(trained):
+    saved = paths.model_file("baseline").read_bytes()
+    paths.model_file("baseline").unlink()
+    try:
+        with pytest.raises(ModelFileError, match=r"models/baseline/model.pt not found.*dvc repro train_baseline"):
+            evaluate.run(config.load())
+    finally:
+        paths.model_file("baseline").write_bytes(saved)
+
+
+def test_a_model_trained_with_other_params_is_a_clear_error(trained):
+    with pytest.raises(ModelFileError, match=r"models/resnet/model.pt was trained with model config"):
+        evaluate.run(config.load(overrides=["train.resnet.model.width=8"]))
+    with pytest.raises(ModelFileError, match=r"trained with other params .*train.resnet"):
+        evaluate.run(config.load(overrides=["train.resnet.optimizer.lr=0.2"]))
