@@ -11,8 +11,7 @@ import os
 import sys
 
 from pipeline import config as config_module
-from pipeline.data import DataError
-from pipeline.models import ModelFileError
+from pipeline.errors import PipelineError
 from pipeline.paths import MODEL_NAMES
 
 STAGES = {
@@ -51,6 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--set-list", default="", metavar="'K=V K=V'",
                         help="several overrides in one space-separated string (for MLproject)")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
+                        help="a named configuration merged over the params, e.g. configs/problem_recipe.yaml")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     for name in SHORTCUTS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", metavar="VALUE",
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         overrides = shortcut_overrides(args) + args.set_list.split() + args.overrides
-        config = config_module.load(args.params, overrides)
+        config = config_module.load(args.params, overrides, args.overlay)
         progress = not args.no_progress
         # Imported here so that --help and config errors answer without loading torch and mlflow.
         from pipeline.stages import download, evaluate, normalize, train
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             for model in MODEL_NAMES:
                 train.run(config, model, parent_run_id=parent, progress=progress)
             evaluate.run(config, parent_run_id=parent)
-    except (config_module.ConfigError, DataError, ModelFileError) as exc:
+    except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,16 +16,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import ConfigError
+
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 MAX_EPOCHS = 30  # the experiment's rule: at most 30 training epochs
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-class ConfigError(ValueError):
-    """params.yaml (or an override) does not describe a valid run."""
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -191,17 +188,40 @@ def from_dict(raw: dict, source: str = "params") -> Config:
         raise ConfigError(f"invalid configuration in {source}:\n{lines}") from None
 
 
-def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
-    path = Path(path)
+def merge(base: dict, overlay: dict) -> dict:
+    """base with overlay's values laid over it, section by section."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path, what: str) -> dict:
     if not path.exists():
-        raise ConfigError(f"{path} not found: run from the project root or pass --params PATH")
+        raise ConfigError(f"{path} not found: {what}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (data, train, evaluate)")
-    return from_dict(apply_overrides(raw, overrides or []), source=str(path))
+    return raw
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | None = None,
+         overlays: list[str | Path] | None = None) -> Config:
+    """params.yaml, then each overlay file (a named configuration such as configs/problem_recipe.yaml)
+    merged over it, then the key=value overrides."""
+    path = Path(path)
+    raw = _read_yaml(path, "run from the project root or pass --params PATH")
+    source = str(path)
+    for overlay in overlays or []:
+        raw = merge(raw, _read_yaml(Path(overlay), "check the --overlay path"))
+        source += f" + {overlay}"
+    return from_dict(apply_overrides(raw, overrides or []), source=source)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

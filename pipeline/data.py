@@ -28,6 +28,8 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_url, extract_archive
 
+from pipeline.errors import DataError
+
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -35,11 +37,6 @@ TEST_BATCH = "test_batch"
 META = "batches.meta"
 SPLITS = ("train", "val", "test")
 DOWNLOAD_TIMEOUT_S = 60
-
-
-class DataError(RuntimeError):
-    """The data could not be fetched or read; the message says what to do."""
-
 
 @contextmanager
 def replacing_dir(out_dir: Path) -> Iterator[Path]:

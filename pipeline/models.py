@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import BaselineModelConfig, ResNetModelConfig
+from pipeline.errors import ModelFileError
 
 NUM_CLASSES = 10
 
@@ -140,10 +141,6 @@ def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-class ModelFileError(RuntimeError):
-    """A saved model is missing or does not match the params."""
 
 
 def save(path, config: BaselineModelConfig | ResNetModelConfig, state_dict: dict, **info) -> None:

@@ -1,0 +1,394 @@
+"""pipeline/data.py and the download/normalize stages, on the tiny official-layout archive.
+
+Downloads go through a real HTTP server on 127.0.0.1 (and a port where nothing listens); the
+command line runs as a subprocess. Nothing is mocked, and the real CIFAR-10 is never needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import config, data, paths
+from pipeline.data import ARCHIVE_NAME, BATCH_DIR, META, TEST_BATCH, TRAIN_BATCHES, DataError
+from pipeline.stages import download, normalize
+from tests.conftest import CLASSES, ROOT, tiny_params, write_params
+
+BATCH_FILES = [*TRAIN_BATCHES, TEST_BATCH, META]
+SPLIT_FILES = [f"{s}_{kind}.npy" for s in data.SPLITS for kind in ("images", "labels")] + ["stats.json"]
+VAL_SIZE = 50  # the tiny archive has 20 training images per class: 5 per class go to validation
+OTHER_MD5 = "f" * 32
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under folder (relative name -> md5)."""
+    return {str(p.relative_to(folder)): md5_of(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Staging folders a stage left beside its output."""
+    return sorted(p.name for p in parent.glob(".*-staging-*")) if parent.exists() else []
+
+
+def assert_nothing_kept(data_dir: Path) -> None:
+    assert not (data_dir / "raw").exists(), "a failed download must not leave data/raw"
+    assert leftovers(data_dir) == [], "a failed download must not leave its staging folder"
+
+
+# --- servers and URLs --------------------------------------------------------------------------
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def bad_archives(tmp_path_factory, tiny_archive):
+    """A second real HTTP server, serving a truncated copy of the tiny archive and a non-CIFAR archive.
+
+    Yields (base URL, {name: (path, md5)}).
+    """
+    folder = tmp_path_factory.mktemp("bad-archives")
+    payload = tiny_archive[0].read_bytes()
+    truncated = folder / "truncated.tar.gz"
+    truncated.write_bytes(payload[: len(payload) * 3 // 5])
+    other = folder / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        text = b"not CIFAR-10\n"
+        info = tarfile.TarInfo("some-dataset/readme.txt")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", {p.stem.split(".")[0]: (p, md5_of(p)) for p in (truncated, other)}
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def dead_url():
+    """A URL on 127.0.0.1 whose port is bound but not listening: every connection is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/{ARCHIVE_NAME}"
+
+
+@pytest.fixture
+def failure(request, tiny_archive, http_server, archive_url, bad_archives, dead_url):
+    """The (url, md5, expected phrase) of one way a download can fail, by name."""
+    good_md5 = tiny_archive[1]
+    base, bad = bad_archives
+    cases = {
+        "md5_mismatch": (archive_url, OTHER_MD5, "md5 mismatch"),
+        "truncated_right_md5": (f"{base}/truncated.tar.gz", good_md5, "md5 mismatch"),
+        "truncated_own_md5": (f"{base}/truncated.tar.gz", bad["truncated"][1], "it is corrupt"),
+        "not_cifar": (f"{base}/other.tar.gz", bad["other"][1], "not CIFAR-10's python version"),
+        "unreachable": (dead_url, good_md5, "could not reach"),
+        "http_404": (f"{http_server}/no-such-archive.tar.gz", good_md5, "HTTP 404"),
+    }
+    return cases[request.param]
+
+
+ALL_FAILURES = ["md5_mismatch", "truncated_right_md5", "truncated_own_md5", "not_cifar", "unreachable", "http_404"]
+
+
+# --- download ----------------------------------------------------------------------------------
+
+def test_download_over_http_fetches_verifies_extracts_and_keeps_archive(tmp_path, archive_url, tiny_archive, capsys):
+    source, md5 = tiny_archive
+    out = tmp_path / "data" / "raw"
+    archive = data.download(archive_url, md5, out)
+    assert archive == out / ARCHIVE_NAME and md5_of(archive) == md5, "the verified archive is kept"
+    assert sorted(p.name for p in (out / BATCH_DIR).iterdir()) == sorted(BATCH_FILES)
+    with tarfile.open(source) as tar:  # extracted byte for byte
+        for name in BATCH_FILES:
+            assert (out / BATCH_DIR / name).read_bytes() == tar.extractfile(f"{BATCH_DIR}/{name}").read()
+    assert "verified" in capsys.readouterr().out
+    assert leftovers(tmp_path / "data") == []
+
+
+def test_second_download_does_not_fetch_again(tmp_path, archive_url, tiny_archive, dead_url, capsys):
+    md5 = tiny_archive[1]
+    out = tmp_path / "raw"
+    data.download(archive_url, md5, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    # The server is out of reach now: only a download that is skipped can succeed.
+    assert data.download(dead_url, md5, out) == out / ARCHIVE_NAME
+    assert "nothing to download" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before, "nothing was rewritten"
+
+
+def test_download_with_a_batch_missing_fetches_again(tmp_path, archive_url, tiny_archive, dead_url):
+    md5 = tiny_archive[1]
+    out = tmp_path / "raw"
+    data.download(archive_url, md5, out)
+    (out / BATCH_DIR / "data_batch_3").unlink()
+    # A verified archive alone is not "in place": the extraction is incomplete, so it must fetch.
+    with pytest.raises(DataError, match="could not reach"):
+        data.download(dead_url, md5, out)
+    data.download(archive_url, md5, out)
+    assert (out / BATCH_DIR / "data_batch_3").is_file()
+
+
+@pytest.mark.parametrize("form", ["path", "file_url"])
+def test_local_path_and_file_url_are_accepted(tmp_path, tiny_archive, form):
+    source, md5 = tiny_archive
+    url = str(source) if form == "path" else source.as_uri()
+    out = tmp_path / "raw"
+    assert data.download(url, md5, out) == out / ARCHIVE_NAME
+    assert md5_of(out / ARCHIVE_NAME) == md5
+    assert all((out / BATCH_DIR / name).is_file() for name in BATCH_FILES)
+    assert source.is_file(), "the source archive is copied, not moved"
+
+
+@pytest.mark.parametrize("form", ["path", "file_url"])
+def test_missing_local_archive_fails_clearly(tmp_path, tiny_archive, form):
+    missing = tmp_path / "nowhere" / ARCHIVE_NAME
+    url = str(missing) if form == "path" else missing.as_uri()
+    with pytest.raises(DataError, match="no file at"):
+        data.download(url, tiny_archive[1], tmp_path / "data" / "raw")
+    assert_nothing_kept(tmp_path / "data")
+
+
+@pytest.mark.parametrize("failure", ALL_FAILURES, indirect=True)
+def test_failed_download_raises_data_error_and_keeps_nothing(tmp_path, failure):
+    url, md5, phrase = failure
+    with pytest.raises(DataError) as info:
+        data.download(url, md5, tmp_path / "data" / "raw")
+    message = str(info.value)
+    assert phrase in message and url in message
+    assert_nothing_kept(tmp_path / "data")
+
+
+def test_md5_mismatch_message_gives_both_checksums(tmp_path, bad_archives, tiny_archive):
+    base, bad = bad_archives
+    with pytest.raises(DataError) as info:
+        data.download(f"{base}/truncated.tar.gz", tiny_archive[1], tmp_path / "raw")
+    assert tiny_archive[1] in str(info.value) and bad["truncated"][1] in str(info.value)
+    assert "data.md5" in str(info.value)
+
+
+@pytest.mark.parametrize("failure", ["md5_mismatch", "truncated_own_md5", "not_cifar", "unreachable", "http_404"],
+                         indirect=True)
+def test_failed_download_of_another_url_keeps_good_raw_data(tmp_path, archive_url, tiny_archive, failure):
+    out = tmp_path / "data" / "raw"
+    data.download(archive_url, tiny_archive[1], out)
+    good = snapshot(out)
+    url, md5, phrase = failure
+    md5 = OTHER_MD5 if md5 == tiny_archive[1] else md5  # another archive, so that it is fetched
+    with pytest.raises(DataError, match=phrase):
+        data.download(url, md5, out)
+    assert snapshot(out) == good, "a failed download must not lose the data in place"
+    assert leftovers(tmp_path / "data") == []
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("failure", ["truncated_right_md5", "unreachable"], indirect=True)
+def test_cli_failed_download_exits_nonzero_with_message_and_no_outputs(tmp_path, failure):
+    url, md5, phrase = failure
+    write_params(tmp_path, tiny_params(url, md5))
+    result = run_cli("download", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "error:" in result.stderr and phrase in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_kept(tmp_path / "data")
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir()), "no partial outputs"
+
+
+# --- normalize ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory, tiny_archive) -> Path:
+    out = tmp_path_factory.mktemp("raw") / "raw"
+    data.download(str(tiny_archive[0]), tiny_archive[1], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(tiny_archive) -> dict[str, np.ndarray]:
+    """The archive's images and labels, read straight from the tar file (not through pipeline.data)."""
+    with tarfile.open(tiny_archive[0]) as tar:
+        def batch(name: str) -> dict:
+            return pickle.load(tar.extractfile(f"{BATCH_DIR}/{name}"), encoding="latin1")
+
+        train = [batch(n) for n in TRAIN_BATCHES]
+        test = batch(TEST_BATCH)
+    return {
+        "x_train": np.concatenate([b["data"] for b in train]).reshape(-1, 3, 32, 32),
+        "y_train": np.concatenate([b["labels"] for b in train]),
+        "x_test": test["data"].reshape(-1, 3, 32, 32),
+        "y_test": np.asarray(test["labels"]),
+    }
+
+
+def run_normalize(raw_dir: Path, out: Path, tiny_archive, val_size: int = VAL_SIZE, seed: int = 0) -> dict:
+    return data.normalize(raw_dir, out, val_size, seed, tiny_archive[1])
+
+
+@pytest.fixture(scope="module")
+def normalized(tmp_path_factory, raw_dir, tiny_archive) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("normalized") / "normalized"
+    return out, run_normalize(raw_dir, out, tiny_archive)
+
+
+def splits(out: Path) -> dict[str, data.Split]:
+    return {name: data.load_split(out, name) for name in data.SPLITS}
+
+
+def test_normalize_split_is_stratified_with_val_size_images(normalized, source):
+    out, stats = normalized
+    loaded = splits(out)
+    assert stats["counts"] == {"train": 200 - VAL_SIZE, "val": VAL_SIZE, "test": 100}
+    assert np.bincount(loaded["val"].labels, minlength=10).tolist() == [VAL_SIZE // 10] * 10
+    assert np.bincount(loaded["train"].labels, minlength=10).tolist() == [20 - VAL_SIZE // 10] * 10
+    assert np.array_equal(loaded["test"].labels, source["y_test"]), "the test split keeps its order"
+    for name, split in loaded.items():
+        assert split.images.dtype == np.float16 and split.images.shape == (stats["counts"][name], 3, 32, 32)
+        assert split.labels.dtype == np.int64
+
+
+def test_normalize_val_size_not_divisible_by_classes_stays_stratified(tmp_path, raw_dir, tiny_archive):
+    stats = run_normalize(raw_dir, tmp_path / "normalized", tiny_archive, val_size=55)
+    per_class = np.bincount(data.load_split(tmp_path / "normalized", "val").labels, minlength=10)
+    assert stats["counts"]["val"] == 55 and per_class.sum() == 55
+    assert set(per_class.tolist()) <= {5, 6}
+
+
+def test_normalized_train_split_has_zero_mean_unit_std_per_channel(normalized):
+    images = data.load_split(normalized[0], "train").images.astype(np.float64)
+    np.testing.assert_allclose(images.mean(axis=(0, 2, 3)), 0.0, atol=1e-2)
+    np.testing.assert_allclose(images.std(axis=(0, 2, 3)), 1.0, atol=1e-2)
+
+
+def test_val_and_test_are_standardized_with_train_statistics(normalized, source):
+    out, stats = normalized
+    loaded = splits(out)
+    mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
+    assert mean.shape == std.shape == (3,)
+
+    # Undo the standardization and find each stored image among the raw training images.
+    index = {row.tobytes(): i for i, row in enumerate(source["x_train"])}
+    assert len(index) == len(source["x_train"])
+
+    def raw_indices(split: data.Split) -> np.ndarray:
+        pixels = np.rint((split.images.astype(np.float64) * std[:, None, None] + mean[:, None, None]) * 255)
+        assert pixels.min() >= 0 and pixels.max() <= 255
+        return np.array([index[row.tobytes()] for row in pixels.astype(np.uint8)])
+
+    train_idx, val_idx = raw_indices(loaded["train"]), raw_indices(loaded["val"])
+    assert np.array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(200)), "a partition of train"
+    assert np.array_equal(loaded["train"].labels, source["y_train"][train_idx])
+    assert np.array_equal(loaded["val"].labels, source["y_train"][val_idx])
+
+    # The statistics are those of the train split only, recomputed here from the raw pixels.
+    train_pixels = source["x_train"][train_idx].astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, train_pixels.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, train_pixels.std(axis=(0, 2, 3)), rtol=1e-12)
+    all_pixels = source["x_train"].astype(np.float64) / 255.0
+    assert not np.allclose(mean, all_pixels.mean(axis=(0, 2, 3)), rtol=0, atol=1e-9), "validation images leaked in"
+
+    def standardized(images: np.ndarray) -> np.ndarray:
+        return (images.astype(np.float64) / 255.0 - mean[:, None, None]) / std[:, None, None]
+
+    np.testing.assert_allclose(loaded["val"].images.astype(np.float64), standardized(source["x_train"][val_idx]),
+                               atol=1e-2)
+    np.testing.assert_allclose(loaded["test"].images.astype(np.float64), standardized(source["x_test"]), atol=1e-2)
+
+
+def test_stats_json_records_mean_std_classes_counts_and_archive_md5(normalized, tiny_archive):
+    out, stats = normalized
+    saved = json.loads((out / "stats.json").read_text())
+    assert saved == stats == data.load_stats(out)
+    assert {"mean", "std", "classes", "counts", "archive_md5"} <= saved.keys()
+    assert len(saved["mean"]) == len(saved["std"]) == 3 and all(s > 0 for s in saved["std"])
+    assert saved["classes"] == CLASSES
+    assert saved["counts"] == {"train": 150, "val": 50, "test": 100}
+    assert saved["archive_md5"] == tiny_archive[1]
+    assert saved["val_size"] == VAL_SIZE and saved["seed"] == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(SPLIT_FILES)
+
+
+def test_normalize_is_deterministic_byte_for_byte(tmp_path, raw_dir, normalized, tiny_archive):
+    first = snapshot(normalized[0])
+    run_normalize(raw_dir, tmp_path / "again", tiny_archive)
+    assert snapshot(tmp_path / "again") == first
+    run_normalize(raw_dir, tmp_path / "again", tiny_archive)  # over its own output
+    assert snapshot(tmp_path / "again") == first
+    assert leftovers(tmp_path) == []
+
+
+def test_another_seed_gives_another_split(tmp_path, raw_dir, normalized, tiny_archive):
+    stats = run_normalize(raw_dir, tmp_path / "seed1", tiny_archive, seed=1)
+    assert stats["seed"] == 1 and stats["counts"] == normalized[1]["counts"]
+    val0, val1 = data.load_split(normalized[0], "val"), data.load_split(tmp_path / "seed1", "val")
+    assert np.bincount(val1.labels, minlength=10).tolist() == [5] * 10, "still stratified"
+    assert not np.array_equal(val0.images, val1.images)
+    assert stats["mean"] != normalized[1]["mean"]
+
+
+@pytest.mark.parametrize("val_size", [500, 191])
+def test_val_size_that_does_not_fit_raises_data_error(tmp_path, raw_dir, tiny_archive, val_size):
+    out = tmp_path / "normalized"
+    with pytest.raises(DataError, match=f"data.val_size={val_size}"):
+        run_normalize(raw_dir, out, tiny_archive, val_size=val_size)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_failed_normalize_keeps_previous_output(tmp_path, raw_dir, tiny_archive):
+    out = tmp_path / "normalized"
+    run_normalize(raw_dir, out, tiny_archive)
+    before = snapshot(out)
+    with pytest.raises(DataError):
+        run_normalize(raw_dir, out, tiny_archive, val_size=500)
+    assert snapshot(out) == before
+
+
+def test_normalize_without_raw_data_says_to_download_first(tmp_path, tiny_archive):
+    with pytest.raises(DataError, match="run the download stage first"):
+        run_normalize(tmp_path / "raw", tmp_path / "normalized", tiny_archive)
+    assert not (tmp_path / "normalized").exists()
+
+
+def test_loading_splits_before_normalize_says_to_normalize_first(tmp_path):
+    with pytest.raises(DataError, match="run the normalize stage first"):
+        data.load_split(tmp_path, "train")
+    with pytest.raises(DataError, match="run the normalize stage first"):
+        data.load_stats(tmp_path)
+
+
+# --- the stages, as DVC runs them (cwd = the project) --------------------------------------------
+
+def test_download_and_normalize_stages_write_their_outputs(project, tiny_archive):
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    assert md5_of(paths.RAW / ARCHIVE_NAME) == cfg.data.md5
+    assert all((paths.RAW / BATCH_DIR / name).is_file() for name in BATCH_FILES)
+    assert sorted(p.name for p in paths.NORMALIZED.iterdir()) == sorted(SPLIT_FILES)
+    stats = data.load_stats(paths.NORMALIZED)
+    assert stats["counts"]["val"] == cfg.data.val_size and stats["archive_md5"] == cfg.data.md5
+    assert sorted(p.name for p in Path("data").iterdir()) == ["normalized", "raw"], "no staging folder left"
