@@ -118,8 +118,10 @@ def test_exp_run_with_set_param_records_an_experiment_with_other_metrics(repo):
     table = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     experiments = [e for commit in table for e in (commit.get("experiments") or [])]
     assert experiments, "dvc exp show lists the new experiment"
-    baseline_metrics = json.loads((repo / "metrics/resnet.json").read_text())  # applied to the workspace
-    assert baseline_metrics["epochs"] == 3
+    committed = json.loads(sh(repo, "git", "show", "HEAD:metrics/resnet.json").stdout)
+    experiment = json.loads((repo / "metrics/resnet.json").read_text())  # dvc exp run applies it to the workspace
+    assert (committed["epochs"], experiment["epochs"]) == (2, 3)
+    assert experiment != committed
     diff = sh(repo, "dvc", "metrics", "diff", "HEAD", "--json")
     assert "metrics/resnet.json" in json.loads(diff.stdout)
 

@@ -1,0 +1,232 @@
+"""pipeline/models.py: the baseline CNN, the from-scratch ResNet, its residual blocks, saving and loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import models
+from pipeline.config import BaselineModelConfig, ResNetModelConfig
+from pipeline.models import BaselineCNN, BasicBlock, ModelFileError, ResNet, StochasticDepth
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+def images(n: int = 4, channels: int = 3, side: int = 32) -> torch.Tensor:
+    return torch.randn(n, channels, side, side)
+
+
+def randomize_batch_norm(module: nn.Module) -> None:
+    """Non-trivial affine parameters and running statistics, so that eval-mode checks mean something."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+# --- shapes and sizes -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("widths", [[4], [4, 8], [4, 8, 16]])
+def test_baseline_outputs_one_logit_per_class(widths):
+    model = BaselineCNN(widths, hidden=16).eval()
+    assert model(images(5)).shape == (5, models.NUM_CLASSES)
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+@pytest.mark.parametrize("blocks", [[1], [2, 2], [1, 1, 1]])
+def test_resnet_outputs_one_logit_per_class(width, blocks):
+    model = ResNet(width, blocks).eval()
+    assert model(images(3)).shape == (3, models.NUM_CLASSES)
+
+
+def test_resnet_stages_double_the_width_and_halve_the_resolution():
+    model = ResNet(4, [1, 1, 1]).eval()
+    x = model.stem(images(2))
+    shapes = []
+    for stage in model.stages:
+        x = stage(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(4, 32, 32), (8, 16, 16), (16, 8, 8)]
+    assert model.fc.in_features == 16
+
+
+def test_parameter_count_grows_with_width():
+    resnet = [models.count_parameters(ResNet(w, [1, 1])) for w in (2, 4, 8, 16)]
+    baseline = [models.count_parameters(BaselineCNN([w, 2 * w], hidden=16)) for w in (2, 4, 8, 16)]
+    assert resnet == sorted(resnet) and len(set(resnet)) == 4
+    assert baseline == sorted(baseline) and len(set(baseline)) == 4
+
+
+def test_build_model_follows_the_config():
+    baseline = models.build_model(BaselineModelConfig(widths=[4, 8], hidden=16))
+    resnet = models.build_model(ResNetModelConfig(width=4, blocks=[1, 2], dropout=0.1))
+    assert isinstance(baseline, BaselineCNN) and isinstance(resnet, ResNet)
+    assert [len(stage) for stage in resnet.stages] == [2, 4]  # each block followed by its dropout
+
+
+# --- the residual block -----------------------------------------------------------------------
+
+def test_block_uses_the_identity_shortcut_when_the_shape_is_unchanged():
+    block = BasicBlock(8, 8, stride=1)
+    assert block.downsample is None
+    assert block(images(2, 8, 16)).shape == (2, 8, 16, 16)
+
+
+@pytest.mark.parametrize("in_channels,out_channels,stride", [(8, 16, 1), (8, 8, 2), (8, 16, 2)])
+def test_block_projects_the_shortcut_when_stride_or_channels_change(in_channels, out_channels, stride):
+    block = BasicBlock(in_channels, out_channels, stride=stride)
+    assert isinstance(block.downsample, nn.Sequential)
+    conv, bn = list(block.downsample)
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+    assert conv.kernel_size == (1, 1) and conv.stride == (stride, stride) and conv.bias is None
+    assert (conv.in_channels, conv.out_channels, bn.num_features) == (in_channels, out_channels, out_channels)
+    side = 16 // stride
+    assert block(images(2, in_channels, 16)).shape == (2, out_channels, side, side)
+
+
+def test_strided_block_halves_the_resolution():
+    assert BasicBlock(4, 8, stride=2).eval()(images(3, 4, 32)).shape == (3, 8, 16, 16)
+
+
+@pytest.mark.parametrize("in_channels,out_channels,stride", [(8, 8, 1), (8, 16, 2)], ids=["identity", "projection"])
+def test_block_with_zeroed_branch_returns_relu_of_the_shortcut(in_channels, out_channels, stride):
+    block = BasicBlock(in_channels, out_channels, stride=stride, drop_path=0.5)
+    randomize_batch_norm(block)
+    with torch.no_grad():
+        block.bn2.weight.zero_()
+        block.bn2.bias.zero_()
+    block.eval()
+    x = images(4, in_channels, 16)
+    with torch.no_grad():
+        shortcut = x if block.downsample is None else block.downsample(x)
+        out = block(x)
+    assert torch.equal(out, torch.relu(shortcut))
+    assert (out >= 0).all()
+
+
+def test_block_with_live_branch_differs_from_its_shortcut():
+    """The control for the test above: the residual branch does contribute when not zeroed."""
+    block = BasicBlock(8, 8).eval()
+    randomize_batch_norm(block)
+    x = images(2, 8, 16)
+    with torch.no_grad():
+        assert not torch.allclose(block(x), torch.relu(x))
+
+
+def test_fresh_resnet_blocks_start_as_the_identity():
+    """bn2 starts at zero (Goyal et al.), so each new block returns ReLU(shortcut(x))."""
+    model = ResNet(4, [1, 1]).eval()
+    for stage in model.stages:
+        for block in stage:
+            assert torch.count_nonzero(block.bn2.weight) == 0
+            x = images(2, block.conv1.in_channels, 8)
+            with torch.no_grad():
+                shortcut = x if block.downsample is None else block.downsample(x)
+                assert torch.equal(block(x), torch.relu(shortcut))
+
+
+# --- stochastic depth and dropout -----------------------------------------------------------
+
+def test_stochastic_depth_is_the_identity_in_eval_mode():
+    layer = StochasticDepth(0.9).eval()
+    x = images(64, 4, 4)
+    assert torch.equal(layer(x), x)
+
+
+def test_stochastic_depth_drops_most_branches_in_train_mode_when_p_is_close_to_one():
+    layer = StochasticDepth(0.9).train()
+    x = torch.ones(2000, 4, 3, 3)
+    out = layer(x)
+    dropped = (out.flatten(1) == 0).all(1)
+    kept = (out.flatten(1) != 0).all(1)
+    assert bool((dropped | kept).all()), "a whole sample is dropped or kept, never part of it"
+    assert 0.85 < dropped.float().mean().item() < 0.95
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.1)), "kept samples are rescaled by 1/(1-p)"
+
+
+def test_stochastic_depth_with_p_zero_never_drops():
+    assert torch.equal(StochasticDepth(0.0).train()(torch.ones(100, 1, 1, 1)), torch.ones(100, 1, 1, 1))
+
+
+@pytest.mark.parametrize("in_channels,out_channels,stride", [(4, 4, 1), (4, 8, 2)], ids=["identity", "projection"])
+def test_block_in_train_mode_drops_the_branch_of_most_samples(in_channels, out_channels, stride):
+    block = BasicBlock(in_channels, out_channels, stride=stride, drop_path=0.95).train()
+    x = images(400, in_channels, 4)
+    with torch.no_grad():
+        out = block(x)
+        shortcut = x if block.downsample is None else block.downsample(x)  # same batch: same batch-norm statistics
+    only_shortcut = (out == torch.relu(shortcut)).flatten(1).all(1)
+    assert only_shortcut.float().mean().item() > 0.85
+    assert not only_shortcut.all(), "some samples keep their branch"
+    block.eval()
+    with torch.no_grad():
+        shortcut = x if block.downsample is None else block.downsample(x)
+        assert not (block(x) == torch.relu(shortcut)).flatten(1).all(1).any(), "eval mode drops nothing"
+
+
+def test_drop_path_grows_linearly_with_depth():
+    model = ResNet(4, [2, 2], stochastic_depth=0.3)
+    rates = [m.drop_path.p for m in model.modules() if isinstance(m, BasicBlock)]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_dropout_follows_every_block_only_when_dropout_is_positive():
+    model = ResNet(4, [2, 1, 1], dropout=0.3)
+    for stage in model.stages:
+        layers = list(stage)
+        assert [type(m) for m in layers] == [BasicBlock, nn.Dropout] * (len(layers) // 2)
+        assert all(m.p == 0.3 for m in layers if isinstance(m, nn.Dropout))
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 4
+
+    plain = ResNet(4, [2, 1, 1], dropout=0.0)
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    assert all(isinstance(m, BasicBlock) for stage in plain.stages for m in stage)
+
+
+# --- saving and loading ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [
+    ResNetModelConfig(width=4, blocks=[1, 1], dropout=0.2, stochastic_depth=0.1),
+    BaselineModelConfig(widths=[4, 8], hidden=16),
+], ids=["resnet", "baseline"])
+def test_save_load_round_trip_gives_the_same_outputs(tmp_path, config):
+    model = models.build_model(config)
+    model.train()
+    with torch.no_grad():
+        model(images(16))  # moves the batch-norm running statistics off their initial values
+    model.eval()
+    x = images(6)
+    with torch.no_grad():
+        expected = model(x)
+    path = tmp_path / "model.pt"
+    models.save(path, config, model.state_dict(), fingerprint="abc", selected_epoch=3)
+
+    loaded, saved = models.load(path, config, "train_resnet")
+    assert not loaded.training
+    assert saved["fingerprint"] == "abc" and saved["selected_epoch"] == 3
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+def test_load_with_another_config_raises_naming_the_file(tmp_path):
+    config = ResNetModelConfig(width=4, blocks=[1, 1])
+    path = tmp_path / "model.pt"
+    models.save(path, config, models.build_model(config).state_dict())
+    with pytest.raises(ModelFileError, match="retrain") as info:
+        models.load(path, ResNetModelConfig(width=8, blocks=[1, 1]), "train_resnet")
+    assert str(path) in str(info.value)
+    assert "train_resnet" in str(info.value)
+
+
+def test_load_of_a_missing_file_raises_naming_the_file(tmp_path):
+    path = tmp_path / "nowhere" / "model.pt"
+    with pytest.raises(ModelFileError, match="not found") as info:
+        models.load(path, BaselineModelConfig(), "train_baseline")
+    assert str(path) in str(info.value)

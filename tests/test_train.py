@@ -1,0 +1,459 @@
+"""pipeline/train.py and the train stage: learning, selection rules, optimizers and schedules,
+determinism, the stage's outputs, and resuming a killed run from its checkpoint.
+
+Real PyTorch on small data. The models are tiny, so torch runs on one thread here: on a shared
+2-core machine the thread hand-offs of a second thread cost more than the arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import config, models, paths
+from pipeline.config import TrainConfig, TrainingConfig
+from pipeline.data import Split, load_split
+from pipeline.stages import download, normalize
+from pipeline.stages import train as train_stage
+from pipeline.train import batches, fit, load_checkpoint, make_optimizer, make_schedule, predict, score
+from tests.conftest import ROOT, enter_project, tiny_params
+
+TIMING = ("epoch_time_s", "images_per_s")  # the only fields allowed to differ between identical runs
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "train_eval_acc", "val_loss", "val_acc", "lr",
+                   "epoch_time_s", "images_per_s"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --- synthetic, learnable data ----------------------------------------------------------------
+
+_rng = np.random.default_rng(123)
+# Each class has a spatial pattern (which the baseline's dense head picks up) and a mean colour
+# (which survives the ResNet's global average pooling).
+CLASS_MEANS = 0.7 * _rng.normal(0, 1, (10, 3, 32, 32)) + _rng.normal(0, 1, (10, 3, 1, 1))
+
+
+def learnable(n: int, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 10)
+    images = CLASS_MEANS[labels] + rng.normal(0, 1, (n, 3, 32, 32))
+    return Split(images.astype(np.float16), labels.astype(np.int64))  # as the normalize stage stores them
+
+
+TRAIN, VAL = learnable(300, 1), learnable(200, 2)
+SMALL_TRAIN, SMALL_VAL = learnable(64, 3), learnable(40, 4)
+
+BASELINE = {"arch": "baseline", "widths": [8], "hidden": 32}
+RESNET = {"arch": "resnet", "width": 8, "blocks": [1]}
+
+
+def settings(**values) -> TrainingConfig:
+    return TrainingConfig.model_validate({
+        "device": "cpu", "eval_train_size": 0, "eval_batch_size": 256, "log_model": False,
+        "baseline": {"model": {"arch": "baseline"}}, "resnet": {"model": {"arch": "resnet"}}, **values,
+    })
+
+
+def train_config(**values) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "model": BASELINE, "epochs": 4, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.003}, **values,
+    })
+
+
+def run_fit(tmp_path: Path, cfg: TrainConfig, train: Split = TRAIN, val: Split = VAL, **kwargs):
+    return fit(cfg, settings(), train, val, tmp_path / "checkpoint.pt", "fingerprint", progress=False, **kwargs)
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
+
+
+def val_accuracy(model: torch.nn.Module, split: Split = VAL) -> float:
+    logits = predict(model, torch.from_numpy(split.images).float(), 256)
+    return score(logits, torch.from_numpy(split.labels))[1]
+
+
+def first_argmax(values: list[float]) -> int:
+    return values.index(max(values))
+
+
+# --- learning ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,epochs,optimizer,min_val_acc", [
+    (BASELINE, 3, {"name": "adam", "lr": 0.003}, 0.8),
+    (RESNET, 6, {"name": "adam", "lr": 0.02}, 0.7),
+], ids=["baseline", "resnet"])
+def test_training_lowers_the_loss_and_learns_the_classes(tmp_path, model, epochs, optimizer, min_val_acc):
+    """Chance is 10%; over seeds 0-7 the baseline reached 100% and the ResNet 90% or more."""
+    result = run_fit(tmp_path, train_config(model=model, epochs=epochs, optimizer=optimizer, select="last"))
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.history[-1]["val_acc"] > min_val_acc
+    assert result.history[-1]["train_eval_acc"] > min_val_acc
+    assert val_accuracy(result.model) == pytest.approx(result.history[-1]["val_acc"])
+
+
+def test_history_has_one_full_record_per_epoch(tmp_path):
+    result = run_fit(tmp_path, train_config(epochs=2), SMALL_TRAIN, SMALL_VAL)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    for record in result.history:
+        assert set(HISTORY_COLUMNS) | {"train_eval_loss"} == set(record)
+        assert all(math.isfinite(v) for v in record.values())
+        assert 0.0 <= record["train_acc"] <= 1.0 and 0.0 <= record["val_acc"] <= 1.0
+        assert record["epoch_time_s"] > 0 and record["images_per_s"] > 0
+
+
+# --- selection rules --------------------------------------------------------------------------
+
+def test_select_last_picks_the_last_epoch(tmp_path):
+    result = run_fit(tmp_path, train_config(select="last"))
+    assert result.selected_epoch == 4
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert final["complete"] and final["epoch"] == 4
+    assert all(torch.equal(result.state[k], final["model"][k]) for k in final["model"])
+
+
+def test_select_best_val_picks_the_argmax_of_val_acc(tmp_path):
+    result = run_fit(tmp_path, train_config(select="best_val"))
+    val_accs = [r["val_acc"] for r in result.history]
+    assert result.selected_epoch == first_argmax(val_accs) + 1
+    assert val_accuracy(result.model) == pytest.approx(max(val_accs))
+
+
+def test_best_val_under_target_skips_epochs_at_or_over_the_train_acc_bound(tmp_path):
+    reference = run_fit(tmp_path, train_config(select="best_val"))
+    history = reference.history
+    # The bound excludes the best epoch itself: the rule must pick another one.
+    bound = history[reference.selected_epoch - 1]["train_acc"]
+    allowed = [r for r in history if r["train_acc"] < bound]
+    assert allowed, "premise: some epoch trains below the bound"
+    expected = max(allowed, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+    assert expected != reference.selected_epoch, "premise: the bound changes the choice"
+
+    result = run_fit(tmp_path, train_config(select="best_val_under_target", select_train_acc_max=bound))
+    assert without_timing(result.history) == without_timing(history)
+    assert result.selected_epoch == expected
+    assert result.history[result.selected_epoch - 1]["train_acc"] < bound
+    assert val_accuracy(result.model) == pytest.approx(history[expected - 1]["val_acc"])
+
+
+def test_best_val_under_target_falls_back_to_the_last_epoch(tmp_path, capsys):
+    last = run_fit(tmp_path, train_config(select="last"))
+    assert min(r["train_acc"] for r in last.history) >= 0.01, "premise: no epoch trains below the bound"
+
+    result = run_fit(tmp_path, train_config(select="best_val_under_target", select_train_acc_max=0.01))
+    assert result.selected_epoch == 4
+    assert "no epoch had train_acc < 0.01: selecting the last epoch" in capsys.readouterr().out
+    assert all(torch.equal(result.state[k], last.state[k]) for k in last.state)
+
+
+# --- optimizers, schedules, EMA ---------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_every_optimizer_and_schedule_trains(tmp_path, optimizer, schedule):
+    lr = 0.05 if optimizer == "sgd" else 0.003
+    cfg = train_config(model=RESNET, epochs=2, batch_size=8, schedule=schedule,
+                       optimizer={"name": optimizer, "lr": lr, "weight_decay": 1e-4})
+    result = run_fit(tmp_path, cfg, SMALL_TRAIN, SMALL_VAL)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in result.history)
+    torch.manual_seed(cfg.seed)
+    initial = models.build_model(cfg.model).state_dict()  # what fit starts from
+    assert any(not torch.equal(result.state[k], initial[k]) for k in initial if initial[k].is_floating_point())
+    lrs = [r["lr"] for r in result.history]
+    if schedule == "constant":
+        assert lrs == [pytest.approx(lr)] * 2
+    else:  # both anneal towards zero by the last step
+        assert lrs[-1] < 0.1 * lr and max(lrs) <= lr * (1 + 1e-9)
+
+
+def test_make_optimizer_builds_the_named_optimizer():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    base = {"model": BASELINE}
+    sgd = make_optimizer(TrainConfig.model_validate(
+        {**base, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}}), params)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    no_momentum = make_optimizer(TrainConfig.model_validate(
+        {**base, "optimizer": {"name": "sgd", "momentum": 0.0, "nesterov": True}}), params)
+    assert not no_momentum.defaults["nesterov"], "nesterov needs momentum: dropped rather than an error"
+    adam = make_optimizer(TrainConfig.model_validate({**base, "optimizer": {"name": "adam", "lr": 0.002}}), params)
+    adamw = make_optimizer(TrainConfig.model_validate(
+        {**base, "optimizer": {"name": "adamw", "weight_decay": 0.05}}), params)
+    assert type(adam) is torch.optim.Adam and adam.defaults["lr"] == 0.002
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
+
+
+def test_onecycle_lr_peaks_at_the_optimizer_lr():
+    cfg = train_config(schedule="onecycle", warmup_fraction=0.3, optimizer={"name": "sgd", "lr": 0.2})
+    optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    schedule = make_schedule(cfg, optimizer, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert max(lrs) == pytest.approx(0.2)
+    assert 25 <= first_argmax(lrs) <= 32, "the peak ends the warmup (30% of the steps)"
+    assert lrs[0] == pytest.approx(0.2 / 25) and lrs[-1] < 1e-3 * 0.2
+
+
+def test_cosine_and_constant_schedules():
+    for name, expected_end in [("cosine", 0.0), ("constant", 0.2)]:
+        cfg = train_config(schedule=name, optimizer={"name": "sgd", "lr": 0.2})
+        optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+        schedule = make_schedule(cfg, optimizer, total_steps=50)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2), name
+        for _ in range(50):
+            optimizer.step()
+            schedule.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected_end, abs=1e-12), name
+
+
+def test_ema_weights_are_the_ones_evaluated_and_selected(tmp_path):
+    model = {**RESNET, "dropout": 0.1, "stochastic_depth": 0.1}
+    result = run_fit(tmp_path, train_config(model=model, epochs=2, ema_decay=0.9, optimizer={"name": "sgd", "lr": 0.05}),
+                     SMALL_TRAIN, SMALL_VAL)
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert final["ema"] is not None
+    averaged = {k.removeprefix("module."): v for k, v in final["ema"].items() if k.startswith("module.")}
+    assert set(averaged) == set(result.state)
+    assert all(torch.equal(result.state[k], averaged[k]) for k in averaged), "the selected weights are the EMA's"
+    assert any(not torch.equal(averaged[k], final["model"][k]) for k in averaged if averaged[k].is_floating_point())
+    assert val_accuracy(result.model, SMALL_VAL) == pytest.approx(result.history[-1]["val_acc"])
+
+
+# --- determinism and data order ---------------------------------------------------------------
+
+def test_same_seed_gives_the_same_history(tmp_path):
+    model = {**RESNET, "dropout": 0.2, "stochastic_depth": 0.3, "blocks": [1, 1]}
+    cfg = train_config(model=model, epochs=2, optimizer={"name": "sgd", "lr": 0.05}, schedule="onecycle")
+    first = run_fit(tmp_path, cfg, SMALL_TRAIN, SMALL_VAL)
+    second = run_fit(tmp_path, cfg, SMALL_TRAIN, SMALL_VAL)
+    assert without_timing(first.history) == without_timing(second.history)
+    assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
+
+    other = run_fit(tmp_path, cfg.model_copy(update={"seed": 1}), SMALL_TRAIN, SMALL_VAL)
+    assert without_timing(other.history) != without_timing(first.history), "the seed matters"
+
+
+@pytest.mark.parametrize("n,batch_size", [(100, 10), (103, 10), (101, 10), (7, 32), (65, 32)])
+def test_batches_cover_each_index_once_per_epoch(n, batch_size):
+    for epoch in (1, 2, 3):
+        chunks = batches(n, batch_size, seed=5, epoch=epoch)
+        seen = torch.cat(chunks).tolist()
+        assert len(seen) == len(set(seen)), "no index twice"
+        assert set(seen) <= set(range(n))
+        missing = n - len(seen)
+        # Only a single-image tail is dropped (batch norm cannot train on one image).
+        assert missing == (1 if n % batch_size == 1 and n > batch_size else 0)
+        assert all(len(c) == batch_size for c in chunks[:-1]) and 2 <= len(chunks[-1]) <= batch_size
+
+
+def test_batches_depend_only_on_seed_and_epoch():
+    def order(seed, epoch):
+        return torch.cat(batches(500, 64, seed, epoch)).tolist()
+
+    assert order(3, 1) == order(3, 1)
+    assert order(3, 1) != order(3, 2), "each epoch is shuffled anew"
+    assert order(3, 1) != order(4, 1)
+    torch.manual_seed(0)
+    before = order(3, 7)
+    torch.rand(100)  # the global generator (dropout, stochastic depth) does not move the order
+    assert order(3, 7) == before
+    assert sorted(order(3, 1)) == list(range(500))
+
+
+# --- the train stage --------------------------------------------------------------------------
+
+def prepare(directory: Path, monkeypatch, params: dict) -> config.Config:
+    """A project directory with the download and normalize stages run; returns its config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    enter_project(directory, monkeypatch, params)
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["baseline", "resnet"])
+def test_train_stage_writes_model_metrics_and_history(project, name):
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    summary = train_stage.run(cfg, name, progress=False)
+    train_cfg = getattr(cfg.train, name)
+
+    model, saved = models.load(paths.model_file(name), train_cfg.model, f"train_{name}")
+    assert saved["fingerprint"] == train_stage.fingerprint(cfg, name)
+    assert saved["selected_epoch"] == summary["selected_epoch"]
+
+    metrics = json.loads(paths.metrics_file(name).read_text())
+    assert metrics == summary
+    assert {"selected_epoch", "epochs", "select", "train_acc", "train_eval_acc", "val_acc", "val_loss",
+            "train_loss", "train_time_s", "images_per_s", "parameters"} <= set(metrics)
+    assert metrics["epochs"] == train_cfg.epochs == 2 and metrics["select"] == train_cfg.select
+    assert metrics["parameters"] == models.count_parameters(model)
+
+    history = pd.read_csv(paths.history_file(name))
+    assert set(HISTORY_COLUMNS) <= set(history.columns)
+    assert history["epoch"].tolist() == [1, 2]
+    chosen = history.loc[history["epoch"] == metrics["selected_epoch"]].iloc[0]
+    for key in ("train_acc", "train_eval_acc", "val_acc", "val_loss", "train_loss"):
+        assert metrics[key] == pytest.approx(chosen[key]), key
+    assert metrics["train_time_s"] == pytest.approx(history["epoch_time_s"].sum())
+
+    assert val_accuracy(model, load_split(paths.NORMALIZED, "val")) == pytest.approx(metrics["val_acc"])
+    tracked = json.loads(paths.model_tracking_file(name).read_text())
+    assert tracked["run_id"] and tracked["model_uri"] is None  # log_model is off in the tiny params
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_checkpoint_of_other_params_is_ignored(project, capsys):
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    name = "baseline"
+    checkpoint = paths.checkpoint_file(name)
+    old_key = train_stage.fingerprint(cfg, name)
+
+    def stop_in_epoch_two(record):
+        if record["epoch"] == 2:
+            raise Interrupted  # before epoch 2 is checkpointed: as if killed there
+
+    with pytest.raises(Interrupted):
+        fit(cfg.train.baseline, cfg.train, load_split(paths.NORMALIZED, "train"), load_split(paths.NORMALIZED, "val"),
+            checkpoint, old_key, on_epoch=stop_in_epoch_two, run_id="run-of-other-params", progress=False)
+    assert load_checkpoint(checkpoint, old_key)["epoch"] == 1, "premise: the same params would resume"
+
+    new = config.load(overrides=["train.baseline.optimizer.lr=0.002"])
+    new_key = train_stage.fingerprint(new, name)
+    assert new_key != old_key
+    capsys.readouterr()
+    train_stage.run(new, name, progress=False)
+    out = capsys.readouterr().out
+    assert f"checkpoint {checkpoint} is from other params; training from scratch" in out
+    assert "resuming" not in out
+    assert pd.read_csv(paths.history_file(name))["epoch"].tolist() == [1, 2]
+    assert json.loads(paths.model_tracking_file(name).read_text())["run_id"] != "run-of-other-params"
+    final = torch.load(checkpoint, weights_only=False)
+    assert final["fingerprint"] == new_key and final["complete"]
+    assert load_checkpoint(checkpoint, new_key) is None, "a finished run is not resumed"
+
+
+# --- resuming a killed run --------------------------------------------------------------------
+
+EPOCHS = 8
+
+
+def start_training(directory: Path, name: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{directory / 'mlflow.db'}", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    log = open(directory / "train.log", "a")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "train", name, "--no-progress"], cwd=directory,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def finish(process: subprocess.Popen, directory: Path, timeout: float = 240) -> str:
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        process.kill()
+    log = (directory / "train.log").read_text()
+    assert process.returncode == 0, log
+    return log
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # not there yet, or caught mid-write
+        return None
+
+
+def comparable_outputs(directory: Path, name: str) -> tuple[dict, pd.DataFrame, dict]:
+    metrics = json.loads((directory / paths.metrics_file(name)).read_text())
+    history = pd.read_csv(directory / paths.history_file(name))
+    weights = torch.load(directory / paths.model_file(name), weights_only=True)["state_dict"]
+    return ({k: v for k, v in metrics.items() if k not in ("train_time_s", "images_per_s")},
+            history.drop(columns=list(TIMING)), weights)
+
+
+def test_killed_run_resumes_to_the_same_result_and_mlflow_run(tmp_path, monkeypatch, archive_url, tiny_archive):
+    name = "resnet"
+    params = tiny_params(archive_url, tiny_archive[1])
+    # Wider than the tiny default, so that an epoch takes long enough to be interrupted; dropout,
+    # stochastic depth and onecycle make the result depend on the restored RNG and schedule.
+    params["train"][name].update(
+        model={"arch": "resnet", "width": 16, "blocks": [1, 1], "dropout": 0.1, "stochastic_depth": 0.2},
+        epochs=EPOCHS, schedule="onecycle")
+    killed, intact = tmp_path / "killed", tmp_path / "intact"
+    prepare(killed, monkeypatch, params)
+    intact.mkdir()
+    shutil.copy(killed / "params.yaml", intact / "params.yaml")
+    shutil.copytree(killed / paths.NORMALIZED, intact / paths.NORMALIZED)
+    monkeypatch.chdir(tmp_path)
+
+    uninterrupted = start_training(intact, name)  # the reference, alongside on the second core
+    victim = start_training(killed, name)
+    checkpoint = killed / paths.checkpoint_file(name)
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert victim.poll() is None, "training ended before it could be interrupted:\n" + \
+                (killed / "train.log").read_text()
+            state = read_checkpoint(checkpoint)
+            if state is not None and state["epoch"] >= 2:
+                break
+            assert time.monotonic() < deadline, "no checkpoint of epoch 2 in time"
+            time.sleep(0.02)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    state = read_checkpoint(checkpoint)  # the last one written before the kill
+    assert 2 <= state["epoch"] < EPOCHS and not state["complete"]
+    assert state["run_id"]
+
+    killed_log = (killed / "train.log").read_text()
+    resumed_log = finish(start_training(killed, name), killed)[len(killed_log):]
+    finish(uninterrupted, intact)
+
+    assert f"resuming from {paths.checkpoint_file(name)} after epoch {state['epoch']} of {EPOCHS}" in resumed_log
+    assert f"epoch {state['epoch']:2d}/{EPOCHS}" not in resumed_log, "finished epochs are not trained again"
+    assert f"epoch {EPOCHS:2d}/{EPOCHS}" in resumed_log
+
+    metrics, history, weights = comparable_outputs(killed, name)
+    ref_metrics, ref_history, ref_weights = comparable_outputs(intact, name)
+    assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    pd.testing.assert_frame_equal(history, ref_history, check_exact=True)
+    assert metrics == ref_metrics
+    assert set(weights) == set(ref_weights) and all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+
+    tracked = json.loads((killed / paths.model_tracking_file(name)).read_text())
+    assert tracked["run_id"] == state["run_id"], "the resumed run continues the killed run's MLflow run"
