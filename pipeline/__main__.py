@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 from pipeline import config as config_module
@@ -19,6 +20,7 @@ STAGES = {
     "normalize": "split train/validation, standardize with train statistics, write data/normalized/",
     "train": "train one model (baseline or resnet) and record it in MLflow",
     "evaluate": "compare both models on train/validation/test, write the report, register the ResNet",
+    "log-run": "record a finished training stage's outputs as a new MLflow run (after a lost tracking server)",
     "all": "run every stage in order, all in one MLflow parent run",
 }
 
@@ -44,7 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("stage", choices=list(STAGES), help="the stage to run (see below)")
-    parser.add_argument("model", nargs="?", choices=MODEL_NAMES, help="for train: which model")
+    parser.add_argument("model", nargs="?", choices=MODEL_NAMES, help="for train and log-run: which model")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, as in `dvc exp run -S` (repeatable)")
     parser.add_argument("--set-list", default="", metavar="'K=V K=V'",
@@ -53,15 +55,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
                         help="a named configuration merged over the params, e.g. configs/problem_recipe.yaml")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    parser.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)  # set by `all` for torchrun children
     for name in SHORTCUTS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", metavar="VALUE",
                             help=f"train.<model>.{SHORTCUTS[name]} (for train: the chosen model; for all: "
                             + ("the resnet" if name == "dropout" else "both models") + ")")
     args = parser.parse_args(argv)
-    if args.stage == "train" and args.model is None:
-        parser.error("train needs a model: python -m pipeline train {baseline,resnet}")
-    if args.stage != "train" and args.model is not None:
-        parser.error(f"'{args.model}' is only taken by the train stage")
+    if args.stage in ("train", "log-run") and args.model is None:
+        parser.error(f"{args.stage} needs a model: python -m pipeline {args.stage} {{baseline,resnet}}")
+    if args.stage not in ("train", "log-run") and args.model is not None:
+        parser.error(f"'{args.model}' is only taken by train and log-run")
     return args
 
 
@@ -81,13 +84,23 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def torchrun(nproc: int, argv: list[str]) -> int:
+    """Run `python -m pipeline ARGV` in nproc processes under torchrun (single machine) and wait for them."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "pipeline", *argv]
+    print(f"train.nproc={nproc}: {' '.join(command)}", flush=True)
+    return subprocess.run(command).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
         overrides = shortcut_overrides(args) + args.set_list.split() + args.overrides
         config = config_module.load(args.params, overrides, args.overlay)
         progress = not args.no_progress
         # Imported here so that --help and config errors answer without loading torch and mlflow.
+        from pipeline import distributed
         from pipeline.stages import download, evaluate, normalize, train
 
         if args.stage == "download":
@@ -95,12 +108,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "normalize":
             normalize.run(config)
         elif args.stage == "train":
-            train.run(config, args.model, progress=progress)
+            if config.train.nproc > 1 and not distributed.under_launcher():
+                from pipeline import tracking
+
+                tracking.require_tracking(f"train_{args.model}")  # before any process starts training
+                return torchrun(config.train.nproc, argv)
+            train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
         elif args.stage == "evaluate":
             evaluate.run(config)
+        elif args.stage == "log-run":
+            from pipeline import tracking
+
+            print(tracking.relog_stage(config, args.model))
         else:
             from pipeline import tracking
 
+            tracking.require_tracking("all")  # before the parent run and the data stages
             # Under `mlflow run`, its run is the parent of the stage runs.
             parent = os.environ.pop("MLFLOW_RUN_ID", None)
             if parent is None:
@@ -108,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             download.run(config)
             normalize.run(config)
             for model in MODEL_NAMES:
-                train.run(config, model, parent_run_id=parent, progress=progress)
+                if config.train.nproc > 1:
+                    child = ["train", model, "--params", args.params, "--parent-run", parent, "--no-progress",
+                             *[f"--overlay={o}" for o in args.overlay], *[f"--set={o}" for o in overrides]]
+                    if torchrun(config.train.nproc, child) != 0:
+                        return 1
+                else:
+                    train.run(config, model, parent_run_id=parent, progress=progress)
             evaluate.run(config, parent_run_id=parent)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 MAX_EPOCHS = 30  # the experiment's rule: at most 30 training epochs
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+# Integers are strict: YAML's true/false must not pass as 1/0 (epochs=true would mean one epoch).
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,21 +46,21 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     url: str = OFFICIAL_URL
     md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = OFFICIAL_MD5
-    val_size: Annotated[int, Field(ge=10)] = 5000
-    seed: int = 0
+    val_size: Annotated[int, Field(strict=True, ge=10)] = 5000
+    seed: Annotated[int, Field(strict=True)] = 0
 
 
 class BaselineModelConfig(Strict):
     arch: Literal["baseline"] = "baseline"
-    widths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=5)] = [32, 64, 128]
-    hidden: Annotated[int, Field(ge=1)] = 256
+    widths: Annotated[list[Annotated[int, Field(strict=True, ge=1)]], Field(min_length=1, max_length=5)] = [32, 64, 128]
+    hidden: Annotated[int, Field(strict=True, ge=1)] = 256
 
 
 class ResNetModelConfig(Strict):
     arch: Literal["resnet"] = "resnet"
-    width: Annotated[int, Field(ge=1)] = 64
+    width: Annotated[int, Field(strict=True, ge=1)] = 64
     # One entry per stage: how many residual blocks it holds. Stage i has width * 2**i channels.
-    blocks: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=5)] = [2, 2]
+    blocks: Annotated[list[Annotated[int, Field(strict=True, ge=1)]], Field(min_length=1, max_length=5)] = [2, 2]
     dropout: Probability = 0.0
     stochastic_depth: Probability = 0.0
 
@@ -74,14 +75,14 @@ class OptimizerConfig(Strict):
 
 class TrainConfig(Strict):
     model: Annotated[BaselineModelConfig | ResNetModelConfig, Field(discriminator="arch")]
-    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
-    batch_size: Annotated[int, Field(ge=1)] = 64
+    epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
+    batch_size: Annotated[int, Field(strict=True, ge=1)] = 64
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: Literal["constant", "cosine", "onecycle"] = "constant"
     warmup_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # onecycle only
     label_smoothing: Probability = 0.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
-    seed: int = 0
+    seed: Annotated[int, Field(strict=True)] = 0
     # Which epoch's weights become the stage's model. "best_val_under_target": the best
     # validation accuracy among epochs whose training accuracy (running, training mode)
     # stays below select_train_acc_max; falls back to the last epoch if none does.
@@ -95,23 +96,32 @@ class TrainingConfig(Strict):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     deterministic: bool = False
     # Size of the fixed, seeded subset of the train split scored in eval mode every epoch (0: all).
-    eval_train_size: Annotated[int, Field(ge=0)] = 10000
-    eval_batch_size: Annotated[int, Field(ge=1)] = 1024
+    eval_train_size: Annotated[int, Field(strict=True, ge=0)] = 10000
+    eval_batch_size: Annotated[int, Field(strict=True, ge=1)] = 1024
     log_model: bool = True
+    # Processes for data-parallel training (torchrun + DistributedDataParallel; NCCL on GPUs, gloo on CPUs).
+    # The global batch size and the learning rate stay what each model's params say.
+    nproc: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
     baseline: TrainConfig
     resnet: TrainConfig
 
-    @model_validator(mode="after")
-    def _models_match_names(self) -> "TrainingConfig":
-        if self.baseline.model.arch != "baseline" or self.resnet.model.arch != "resnet":
-            raise ValueError("train.baseline.model.arch must be 'baseline' and train.resnet.model.arch 'resnet'")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _models_match_names(cls, data: Any) -> Any:
+        # Checked first: a swapped arch would otherwise surface as a list of unknown keys.
+        if isinstance(data, dict):
+            for name in ("baseline", "resnet"):
+                model = (data.get(name) or {}).get("model") if isinstance(data.get(name), dict) else None
+                if isinstance(model, dict) and model.get("arch", name) != name:
+                    raise ValueError(f"train.{name}.model.arch must be '{name}' (got {model.get('arch')!r}): "
+                                     f"the {name} stage trains the {name} model")
+        return data
 
 
 class Targets(Strict):
     val_acc_min: Annotated[float, Field(ge=0.0, le=1.0)] = 0.85
     train_acc_max: Annotated[float, Field(ge=0.0, le=1.0)] = 0.92
-    max_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
+    max_epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
 
 
 class EvaluateConfig(Strict):

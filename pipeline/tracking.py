@@ -1,17 +1,27 @@
 """MLflow records: one run per stage, grouped under a parent run per pipeline configuration.
 
-Tracking goes to MLFLOW_TRACKING_URI when set, else to MLflow's local default
-(sqlite:///mlflow.db in the working directory, the project root under DVC).
+Tracking goes to MLFLOW_TRACKING_URI when set, else to sqlite:///mlflow.db at the project root
+(also from DVC's queued experiments, which run in a temporary copy of the project).
+
+A shared tracking server can be down or go away. A stage checks that the store answers before it
+trains (`require_tracking`); once training has started, a lost server costs records, never the
+trained model: `StageLog` bounds and records every MLflow call, and `relog_stage` records a finished
+stage's DVC outputs as a new run afterwards (`python -m pipeline log-run <model>`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
+import re
 import subprocess
+import sys
+import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import mlflow
@@ -22,10 +32,192 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, flatten
 from pipeline.data import Split
+from pipeline.errors import PipelineError
+from pipeline.paths import MODEL_NAMES
 from pipeline.train import device_name
 
 GROUP_TAG = "pipeline.group"
 PARENT_TAG = "pipeline.parent"
+INCOMPLETE_TAG = "pipeline.incomplete"  # on a run that a lost server left without some of its records
+RELOGGED_FROM_TAG = "pipeline.relogged_from"  # on a run made by log-run: the run it replaces
+RELOGGED_AS_TAG = "pipeline.relogged_as"  # on the replaced run, when the server still has it
+
+# MLflow reads its HTTP retry settings at each request. Its defaults (7 retries, exponential backoff,
+# 120 s timeout) suit a rate-limited hosted service but make a dead self-hosted server cost minutes
+# per call. Stages use these bounds unless the user exported MLFLOW_HTTP_REQUEST_* themselves.
+STAGE_HTTP = {"max_retries": 2, "backoff_factor": 1, "timeout": 60}
+CHECK_HTTP = {"max_retries": 1, "backoff_factor": 1, "timeout": 10}  # the reachability check: always quick
+DEGRADED_HTTP = {"max_retries": 0, "backoff_factor": 1, "timeout": 5}  # after a failed call: one quick try
+
+
+class TrackingError(PipelineError, RuntimeError):
+    """The MLflow tracking store cannot be reached."""
+
+
+@contextmanager
+def http_limits(max_retries: int, backoff_factor: int, timeout: int, override: bool = False) -> Iterator[None]:
+    """MLflow's HTTP retry settings for the duration of the block (settings the user exported win
+    unless `override`); restored afterwards."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": max_retries, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": backoff_factor,
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": timeout}
+    saved = {key: os.environ.get(key) for key in wanted}
+    for key, value in wanted.items():
+        if override or saved[key] is None:
+            os.environ[key] = str(value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI without a password in it."""
+    return re.sub(r"//[^/@]*@", "//***@", uri or mlflow.get_tracking_uri())
+
+
+def _reason(exc: BaseException) -> str:
+    """One short line for an MLflow/requests error, whose messages run to several hundred characters."""
+    text = str(exc)
+    for needle, short in (("Connection refused", "connection refused"),
+                          ("timed out", "no answer within the timeout"),
+                          ("Name or service not known", "unknown host"),
+                          ("Connection reset", "connection reset"),
+                          ("RemoteDisconnected", "the server closed the connection")):
+        if needle in text:
+            return short
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:200] + ("..." if len(first) > 200 else "")
+
+
+def use_project_store() -> None:
+    """Without MLFLOW_TRACKING_URI, record into mlflow.db at the project root.
+
+    MLflow's own default is relative to the working directory, and DVC runs queued experiments in a
+    temporary copy under .dvc/tmp/exps/ that it deletes afterwards, taking their runs with it.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    root = Path.cwd().resolve().as_posix().split("/.dvc/tmp/exps/")[0]
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+
+
+def require_tracking(stage: str) -> str:
+    """Fail now, before any work, if the tracking store does not answer (bounded: seconds, not minutes)."""
+    use_project_store()
+    uri = shown_uri()
+    try:
+        with http_limits(**CHECK_HTTP, override=True):
+            MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            where = "MLFLOW_TRACKING_URI"
+            fix = ("start the tracking server (see README, 'Shared tracking server') or correct "
+                   "MLFLOW_TRACKING_URI; or `unset MLFLOW_TRACKING_URI` to record into the local "
+                   "sqlite:///mlflow.db instead")
+        else:
+            where = "the local default"
+            fix = "make the working directory writable (the local store is mlflow.db there), or set MLFLOW_TRACKING_URI"
+        raise TrackingError(
+            f"the MLflow tracking store {uri} ({where}) is not reachable: {_reason(exc)}. "
+            f"{stage} did not start; nothing was trained or written. To fix: {fix}."
+        ) from exc
+    return uri
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3, 5'"""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+class StageLog:
+    """The MLflow calls of a training stage once training has started.
+
+    A lost tracking server must not lose the trained model, so no call here raises: each one is
+    bounded (STAGE_HTTP), a failed one is recorded and skipped, and after a failure the next calls
+    get a single quick try each (DEGRADED_HTTP) until one succeeds again. Nothing is queued or
+    retried later in this process: `report` says what is missing and how to log it afterwards.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.missed_epochs: list[int] = []
+        self.missed: list[str] = []
+        self.first_error: str | None = None
+        self._failing = False
+
+    def attempt(self, what: str, fn, *args, **kwargs) -> tuple[bool, object]:
+        """(True, fn(*args, **kwargs)), or (False, None) when MLflow failed; bounded, never raises."""
+        try:
+            with http_limits(**(DEGRADED_HTTP if self._failing else STAGE_HTTP), override=self._failing):
+                result = fn(*args, **kwargs)
+        except Exception as exc:
+            if self.first_error is None:
+                self.first_error = _reason(exc)
+                print(f"warning: MLflow ({shown_uri()}) did not record {what}: {self.first_error}. Training goes on "
+                      "and its DVC outputs will be complete; what MLflow misses is listed at the end",
+                      file=sys.stderr, flush=True)
+            self._failing = True
+            return False, None
+        self._failing = False
+        return True, result
+
+    def do(self, what: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs): its result, or None when MLflow failed (`what` is then listed as not logged)."""
+        ok, result = self.attempt(what, fn, *args, **kwargs)
+        if not ok:
+            self.missed.append(what)
+        return result
+
+    def epoch(self, record: dict) -> None:
+        """fit's on_epoch: the epoch's metrics, at step = epoch."""
+        ok, _ = self.attempt(f"the metrics of epoch {record['epoch']}", mlflow.log_metrics, record,
+                              step=record["epoch"])
+        if not ok:
+            self.missed_epochs.append(int(record["epoch"]))
+
+    @property
+    def complete(self) -> bool:
+        return not self.missed and not self.missed_epochs
+
+    def not_logged(self) -> list[str]:
+        items = [f"metrics of epoch{'s' if len(self.missed_epochs) > 1 else ''} {_ranges(self.missed_epochs)}"] \
+            if self.missed_epochs else []
+        return items + self.missed
+
+    def status(self) -> dict:
+        """For models/<name>/mlflow.json."""
+        if self.complete:
+            return {"complete": True}
+        return {"complete": False, "not_logged": self.not_logged(), "error": self.first_error,
+                "relog": f"python -m pipeline log-run {self.name}"}
+
+    def report(self, outputs: list[str]) -> None:
+        """Say, loudly and on stderr, what MLflow is missing and the command that records it."""
+        if self.complete:
+            return
+        lines = [
+            "",
+            f"WARNING: train_{self.name} finished, but the MLflow tracking store {shown_uri()} did not record: "
+            + "; ".join(self.not_logged()) + f" (first error: {self.first_error}).",
+            f"The DVC outputs are complete: {', '.join(outputs)}; models/{self.name}/mlflow.json says "
+            '"complete": false.',
+            "This stage exits 0 on purpose: its outputs are complete, and a failure would leave them unrecorded "
+            "by DVC, so that the next `dvc repro` would train again.",
+            "To record these outputs as a new MLflow run once the tracking server is back (same params):",
+            f"    python -m pipeline log-run {self.name}",
+            "",
+        ]
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _git(*args: str) -> str | None:
@@ -92,26 +284,47 @@ def parent_run(config: Config) -> str:
 
 @contextmanager
 def stage_run(config: Config, stage: str, run_name: str, resume_run_id: str | None = None,
-              parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+              parent_run_id: str | None = None, log: StageLog | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of one stage.
 
     Inside `mlflow run` (MLFLOW_RUN_ID set) that run is the stage's run. A resumed training
     stage continues its own run. Otherwise a new run is nested under the parent run of this
     configuration's group (`parent_run_id`, or one found or created by the group tag).
+    MLflow's HTTP calls are bounded (STAGE_HTTP) inside. With a `log`, ending the run cannot fail
+    the stage: a run whose end the server did not record stays RUNNING there and is reported.
     """
     tags = {GROUP_TAG: group_id(config), "dvc.stage": stage, **git_tags(), **environment_tags()}
-    if resume_run_id is None and os.environ.get("MLFLOW_RUN_ID"):
-        resume_run_id = os.environ["MLFLOW_RUN_ID"]
-    if resume_run_id is not None:
-        run = mlflow.start_run(run_id=resume_run_id)
-    else:
-        parent = parent_run_id or parent_run(config)
-        # Children live in their parent's experiment (under `mlflow run`, the one it was given).
-        experiment_id = MlflowClient().get_run(parent).info.experiment_id
-        run = mlflow.start_run(run_name=run_name, parent_run_id=parent, experiment_id=experiment_id, tags=tags)
-    with run:
-        mlflow.set_tags(tags)
-        yield run
+    with http_limits(**STAGE_HTTP):
+        if resume_run_id is None and os.environ.get("MLFLOW_RUN_ID"):
+            resume_run_id = os.environ["MLFLOW_RUN_ID"]
+        if resume_run_id is not None:
+            run = mlflow.start_run(run_id=resume_run_id)
+        else:
+            parent = parent_run_id or parent_run(config)
+            # Children live in their parent's experiment (under `mlflow run`, the one it was given).
+            experiment_id = MlflowClient().get_run(parent).info.experiment_id
+            run = mlflow.start_run(run_name=run_name, parent_run_id=parent, experiment_id=experiment_id, tags=tags)
+        if log is None:
+            with run:
+                mlflow.set_tags(tags)
+                yield run
+            return
+        try:
+            mlflow.set_tags(tags)
+            yield run
+        except BaseException:
+            log.attempt("the run's end", mlflow.end_run, "FAILED")  # the stage's own error is the one to see
+            raise
+        if not log.complete:  # best effort: the server may be back for the end of the run
+            log.attempt("the run's incomplete tag", mlflow.set_tag, INCOMPLETE_TAG, "; ".join(log.not_logged()))
+        log.do("the run's end (it stays RUNNING in the store)", mlflow.end_run)
+
+
+def training_params(config: Config, name: str) -> dict:
+    """The params a training run records: data, the shared train settings and its own model's section."""
+    return {"data": config.data.model_dump(mode="json"),
+            "train": {k: v for k, v in config.train.model_dump(mode="json").items() if k not in MODEL_NAMES},
+            name: getattr(config.train, name).model_dump(mode="json")}
 
 
 def log_params(params: dict) -> None:
@@ -139,3 +352,80 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
         model, name="model", input_example=example, signature=infer_signature(example, output)
     )
     return info.model_uri
+
+
+def relog_stage(config: Config, name: str) -> str:
+    """Record a finished training stage's DVC outputs as a new MLflow run: what `log-run` does.
+
+    For a stage whose tracking server was lost: params from the config, the per-epoch metrics from
+    plots/<name>/history.csv, the final metrics from metrics/<name>.json, the model from
+    models/<name>/model.pt (when train.log_model), the history and learning curves as artifacts.
+    models/<name>/mlflow.json then points at the new run. Returns what was done, for the user.
+    """
+    import pandas as pd
+
+    from pipeline import data, models, paths, plots
+    from pipeline.errors import ModelFileError
+    from pipeline.stages.train import fingerprint  # the stage module imports this one
+
+    require_tracking(f"log-run {name}")
+    stage = f"train_{name}"
+    for needed in (paths.model_file(name), paths.metrics_file(name), paths.history_file(name)):
+        if not needed.exists():
+            raise ModelFileError(f"{needed} not found: {stage} has not finished, there is nothing to log "
+                                 f"(run it: dvc repro {stage})")
+    train_cfg = getattr(config.train, name)
+    model, saved = models.load(paths.model_file(name), train_cfg.model, stage)
+    if saved.get("fingerprint") != fingerprint(config, name):
+        raise ModelFileError(
+            f"{paths.model_file(name)} was trained with other params (data or train.{name}) than the params given "
+            "now; log-run records the params it is given, so give it the ones the model was trained with "
+            "(the same params.yaml and -S overrides)")
+    summary = json.loads(paths.metrics_file(name).read_text())
+    history = pd.read_csv(paths.history_file(name))
+    tracking_file = paths.model_tracking_file(name)
+    previous = json.loads(tracking_file.read_text()) if tracking_file.exists() else {}
+    stats = data.load_stats(paths.NORMALIZED)
+    splits = {split: data.load_split(paths.NORMALIZED, split) for split in ("train", "val")}
+
+    client = MlflowClient()
+    try:
+        with stage_run(config, stage, run_name=name) as run:
+            run_id = run.info.run_id
+            mlflow.set_tags({"model": name, **data_tags(stats), RELOGGED_FROM_TAG: previous.get("run_id") or "none",
+                             "select": f"{train_cfg.select} -> epoch {summary['selected_epoch']}"})
+            log_params(training_params(config, name))
+            log_datasets(splits, stats, source=str(paths.NORMALIZED))
+            now = int(time.time() * 1000)
+            points = [mlflow.entities.Metric(key, float(value), now, int(row["epoch"]))
+                      for row in history.to_dict("records") for key, value in row.items()]
+            for start in range(0, len(points), 1000):  # MLflow's limit per batch
+                client.log_batch(run_id, metrics=points[start:start + 1000])
+            mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+            mlflow.log_artifact(str(paths.history_file(name)))
+            mlflow.log_figure(plots.learning_curves({name: history}), "learning_curves.png")
+            model_uri = (log_model(model, splits["val"].images[:4].astype("float32"))
+                         if config.train.log_model else None)
+    except Exception as exc:  # the server went away again: nothing local changed, so simply rerun
+        raise TrackingError(f"log-run {name} failed against {shown_uri()}: {_reason(exc)}. {tracking_file} is "
+                            f"unchanged; run `python -m pipeline log-run {name}` again once the server answers "
+                            "(the partial run it leaves is marked FAILED when the server allows)") from exc
+    tracking_file.parent.mkdir(parents=True, exist_ok=True)
+    tracking_file.write_text(json.dumps(
+        {"run_id": run_id, "model_uri": model_uri, "experiment": config.train.experiment, "complete": True,
+         "relogged_from": previous.get("run_id")}, indent=2) + "\n")
+
+    old = previous.get("run_id")
+    if old:  # point the incomplete run at its replacement, if this store has it
+        try:
+            with http_limits(**CHECK_HTTP, override=True):
+                client.set_tag(old, RELOGGED_AS_TAG, run_id)
+                if client.get_run(old).info.status == "RUNNING":
+                    client.set_terminated(old, "FAILED")
+        except Exception:
+            pass  # another store, or deleted: nothing to point
+    return (f"logged {stage}'s outputs as MLflow run {run_id} in {shown_uri()} (experiment "
+            f"{config.train.experiment}): params, {len(history)} epochs of metrics, final metrics, "
+            f"artifacts{', model ' + model_uri if model_uri else ''}.\n"
+            f"{tracking_file} now points at it. Under DVC, record that change without retraining: "
+            f"dvc commit -f {stage}")

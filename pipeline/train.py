@@ -20,28 +20,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.config import TrainConfig, TrainingConfig
 from pipeline.data import Split
+from pipeline.errors import ConfigError
 from pipeline.models import build_model
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
-def select_device(name: str) -> torch.device:
+def select_device(name: str, index: int = 0) -> torch.device:
+    """The device params ask for; under torchrun, GPU `index` is this process's (its LOCAL_RANK)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", index)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible: set train.device to auto or cpu")
+        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: set train.device to auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("train.device is 'mps' but Apple MPS is not available: set train.device to auto or cpu")
-    return torch.device(name)
+        raise ConfigError("train.device is 'mps' but Apple MPS is not available: set train.device to auto or cpu")
+    return torch.device("cuda", index) if name == "cuda" else torch.device(name)
 
 
 def device_name(device: torch.device) -> str:
@@ -110,12 +114,17 @@ def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Seeds the global RNG (dropout, stochastic depth) per epoch and rank: a resumed run needs no saved RNG state."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int, processes: int = 1) -> list[Tensor]:
     """This epoch's shuffled index batches. Seeded by (seed, epoch) so a resumed run sees the same order."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     chunks = list(order.split(batch_size))
-    if len(chunks) > 1 and len(chunks[-1]) < 2:
-        chunks.pop()  # batch norm cannot train on a single image
+    if len(chunks) > 1 and len(chunks[-1]) < 2 * processes:
+        chunks.pop()  # batch norm cannot train on a single image per process
     return chunks
 
 
@@ -144,12 +153,22 @@ def fit(
     run_id: str | None = None,
     progress: bool = True,
 ) -> FitResult:
-    device = select_device(settings.device)
+    ctx = distributed.context()
+    device = select_device(settings.device, ctx.local_rank)
+    distributed.init(device)
+    if cfg.batch_size % ctx.world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly among the {ctx.world_size} processes "
+                          "(train.nproc): the global batch stays what params say")
     seed_everything(cfg.seed, settings.deterministic)
     model = build_model(cfg.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = not settings.deterministic
+    net = model  # what the training steps call
+    if ctx.enabled:
+        if device.type == "cuda":  # batch statistics over the global batch, as in one process
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     x_train, y_train = to_device_tensor(train, device)
     x_val, y_val = to_device_tensor(val, device)
@@ -158,7 +177,7 @@ def fit(
     pick = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed))[:subset].to(device)
     x_eval, y_eval = x_train[pick], y_train[pick]
 
-    steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0))
+    steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
     optimizer = make_optimizer(cfg, model.parameters())
     schedule = make_schedule(cfg, optimizer, cfg.epochs * steps_per_epoch)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -176,29 +195,29 @@ def fit(
             ema.load_state_dict(resume["ema"])
         history, best = resume["history"], resume["best"]
         start_epoch = resume["epoch"] + 1
-        torch.set_rng_state(resume["rng_cpu"])
-        if device.type == "cuda" and resume.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(resume["rng_cuda"])
         print(f"resuming from {checkpoint_path} after epoch {resume['epoch']} of {cfg.epochs}")
 
     scored = ema if ema is not None else model  # the weights that are evaluated and selected
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        bar = tqdm(batches(len(y_train), cfg.batch_size, cfg.seed, epoch), desc=f"epoch {epoch}/{cfg.epochs}",
-                   unit="batch", leave=False, disable=not progress)
+        bar = tqdm(batches(len(y_train), cfg.batch_size, cfg.seed, epoch, ctx.world_size),
+                   desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not (progress and ctx.is_main))
         for step, index in enumerate(bar):
-            index = index.to(device)
+            index = index[ctx.rank::ctx.world_size].to(device)  # this process's share of the global batch
             images, labels = x_train[index], y_train[index]
             with autocast(device):
-                logits = model(images)
+                logits = net(images)
                 loss = criterion(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             schedule.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -209,6 +228,9 @@ def fit(
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
         bar.close()
+        seen = torch.tensor(seen, device=device)
+        distributed.all_reduce_sum(loss_sum, correct, seen)
+        seen = seen.item()
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - started
@@ -223,11 +245,13 @@ def fit(
             "train_eval_acc": train_eval_acc,
             "val_loss": val_loss,
             "val_acc": val_acc,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "epoch_time_s": time.perf_counter() - started,
             "images_per_s": seen / train_time,
         }
         history.append(record)
+        if not ctx.is_main:
+            continue  # rank 0 alone selects, reports and checkpoints
         if is_selectable(cfg, record) and (cfg.select == "last" or val_acc > best["val_acc"]):
             best = {"epoch": epoch, "val_acc": val_acc, "state": _cpu_state(scored)}
         print(
@@ -250,9 +274,10 @@ def fit(
             "ema": ema.state_dict() if ema is not None else None,
             "history": history,
             "best": best,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
         })
+    distributed.shutdown()
+    if not ctx.is_main:
+        return FitResult(model, history, history[-1]["epoch"], device)
 
     if best["state"] is None:
         # The rule admitted no epoch (training accuracy never under the bound): fall back to the last.

@@ -28,6 +28,15 @@ os.environ.setdefault("GIT_COMMITTER_NAME", "tests")
 os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@localhost")
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_experiment_env():
+    """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID for subprocesses; an in-process test's
+    experiment id must not reach the next test's subprocesses, which use another store."""
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    yield
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 def make_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Learnable images: each class has its own mean colour and stripe direction, plus noise.
 

@@ -100,6 +100,25 @@ def test_augmentation_key_fails_saying_no_augmentation(override, section, key):
     assert f"{section}:" in message and f"'{key}'" in message
 
 
+def test_a_boolean_is_not_taken_for_a_count():
+    message = refused("train.resnet.epochs=true")
+    assert "train.resnet.epochs: Input should be a valid integer (got True)" in message
+
+
+def test_a_swapped_model_arch_is_named_as_such():
+    message = refused("train.resnet.model.arch=baseline")
+    assert "train.resnet.model.arch must be 'resnet'" in message
+    assert "unknown key" not in message
+
+
+def test_overlay_file_is_merged_over_the_params_and_under_the_overrides():
+    recipe = ROOT / "configs/problem_recipe.yaml"
+    cfg = config.load(PARAMS, ["train.resnet.epochs=7"], overlays=[recipe])
+    assert cfg.train.resnet.model.blocks == [2, 2] and cfg.train.resnet.optimizer.name == "adam"
+    assert cfg.train.resnet.epochs == 7
+    assert cfg.train.baseline == config.load(PARAMS).train.baseline
+
+
 def test_unknown_optimizer_lists_allowed_values():
     message = refused("train.resnet.optimizer.name=rmsprop")
     assert "train.resnet.optimizer.name" in message and "rmsprop" in message

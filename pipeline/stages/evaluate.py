@@ -4,6 +4,7 @@ and the ResNet in the Model Registry (alias "champion" only when every target ho
 from __future__ import annotations
 
 import json
+import sys
 
 import mlflow
 import pandas as pd
@@ -35,6 +36,7 @@ def _trained(config: Config, name: str) -> tuple:
 
 
 def run(config: Config, parent_run_id: str | None = None) -> dict:
+    tracking.require_tracking("evaluate")  # before the work, not after it
     splits = {name: data.load_split(paths.NORMALIZED, name) for name in data.SPLITS}
     stats = data.load_stats(paths.NORMALIZED)
     classes = stats["classes"]
@@ -45,6 +47,10 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
         model, summary, histories[name], tracked[name] = _trained(config, name)
         rows[name] = evaluate.evaluate_model(model, splits, device, config.train.eval_batch_size, len(classes))
         rows[name]["trained"] = summary
+        if tracked[name].get("complete") is False:  # the tracking server was lost during training
+            missing = "; ".join(tracked[name].get("not_logged", []))
+            print(f"warning: the MLflow run of train_{name} is incomplete ({missing}): record the stage with "
+                  f"`python -m pipeline log-run {name}`, then rerun evaluate", file=sys.stderr)
     targets = evaluate.check_targets(config, rows["resnet"], rows["resnet"]["trained"], classes)
     all_hold = all(t["holds"] for t in targets.values())
 

@@ -8,14 +8,15 @@ import json
 import mlflow
 import pandas as pd
 
-from pipeline import data, models, paths, plots, tracking
+from pipeline import data, distributed, models, paths, plots, tracking
 from pipeline.config import Config
 from pipeline.train import fit, load_checkpoint
 
 
 def fingerprint(config: Config, name: str) -> str:
     """What a trained model depends on: the data and its own section of params."""
-    return config.fingerprint("data", f"train.{name}", "train.eval_train_size", "train.deterministic")
+    return config.fingerprint("data", f"train.{name}", "train.eval_train_size", "train.deterministic",
+                              "train.nproc")
 
 
 def run(config: Config, name: str, parent_run_id: str | None = None, progress: bool = True) -> dict:
@@ -26,23 +27,27 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
     key = fingerprint(config, name)
     checkpoint = paths.checkpoint_file(name)
     resume = load_checkpoint(checkpoint, key)
+    if not distributed.context().is_main:
+        # Another rank of a torchrun job: it trains its share; rank 0 writes the outputs and MLflow records.
+        fit(train_cfg, config.train, train, val, checkpoint, key, resume=resume, progress=False)
+        return {}
+    tracking.require_tracking(f"train_{name}")  # a tracking server that is down stops the stage before training
 
+    # Once training starts, MLflow failures are recorded in `log` instead of failing the stage.
+    log = tracking.StageLog(name)
     with tracking.stage_run(config, f"train_{name}", run_name=name, parent_run_id=parent_run_id,
-                            resume_run_id=resume["run_id"] if resume else None) as run:
+                            resume_run_id=resume["run_id"] if resume else None, log=log) as run:
         mlflow.set_tags({"model": name, **tracking.data_tags(stats)})
         if resume is None:
-            tracking.log_params({"data": config.data.model_dump(mode="json"),
-                                 "train": {k: v for k, v in config.train.model_dump(mode="json").items()
-                                           if k not in paths.MODEL_NAMES},
-                                 name: train_cfg.model_dump(mode="json")})
+            tracking.log_params(tracking.training_params(config, name))
             tracking.log_datasets({"train": train, "val": val}, stats, source=str(paths.NORMALIZED))
 
         result = fit(
             train_cfg, config.train, train, val, checkpoint, key,
-            on_epoch=lambda record: mlflow.log_metrics(record, step=record["epoch"]),
+            on_epoch=log.epoch,
             resume=resume, run_id=run.info.run_id, progress=progress,
         )
-        mlflow.set_tag("device", tracking.environment_tags(result.device)["device"])
+        log.do("the device tag", mlflow.set_tag, "device", tracking.environment_tags(result.device)["device"])
         history = pd.DataFrame(result.history)
         chosen = history.loc[history["epoch"] == result.selected_epoch].iloc[0]
         summary = {
@@ -68,16 +73,19 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
         paths.history_file(name).parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(paths.history_file(name), index=False)
 
-        mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        mlflow.set_tag("select", f"{train_cfg.select} -> epoch {result.selected_epoch}")
-        mlflow.log_artifact(str(paths.history_file(name)))
-        mlflow.log_figure(plots.learning_curves({name: history}), "learning_curves.png")
+        log.do("the final metrics", mlflow.log_metrics,
+               {f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        log.do("the select tag", mlflow.set_tag, "select", f"{train_cfg.select} -> epoch {result.selected_epoch}")
+        log.do("history.csv", mlflow.log_artifact, str(paths.history_file(name)))
+        log.do("the learning curves", mlflow.log_figure, plots.learning_curves({name: history}), "learning_curves.png")
         model_uri = None
         if config.train.log_model:
-            model_uri = tracking.log_model(result.model, val.images[:4].astype("float32"))
-        paths.model_tracking_file(name).write_text(json.dumps(
-            {"run_id": run.info.run_id, "model_uri": model_uri, "experiment": config.train.experiment}, indent=2
-        ) + "\n")
+            model_uri = log.do("the model", tracking.log_model, result.model, val.images[:4].astype("float32"))
+    # After the run's end, so that `complete` covers every record, the end included.
+    paths.model_tracking_file(name).write_text(json.dumps(
+        {"run_id": run.info.run_id, "model_uri": model_uri, "experiment": config.train.experiment, **log.status()},
+        indent=2) + "\n")
+    log.report([str(paths.model_file(name)), str(paths.metrics_file(name)), str(paths.history_file(name))])
     print(f"{name}: epoch {summary['selected_epoch']} selected ({train_cfg.select}); train acc "
           f"{summary['train_acc']:.4f} (eval {summary['train_eval_acc']:.4f}), val acc {summary['val_acc']:.4f}")
     return summary
