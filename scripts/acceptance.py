@@ -57,14 +57,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--md5", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--candidates", nargs="*", default=sorted(map(str, Path("configs/candidates").glob("*.yaml"))),
+                        help="other ResNet configurations (overlays), one run each (default: configs/candidates/)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     base = [f"data.url={args.archive}", f"data.md5={args.md5}", *args.overrides]
 
-    def config(*extra: str, recipe: bool = False) -> config_module.Config:
-        return config_module.load(overrides=[*base, *extra], overlays=[RECIPE] if recipe else [])
+    def config(*extra: str, overlay: Path | str | None = None) -> config_module.Config:
+        return config_module.load(overrides=[*base, *extra], overlays=[overlay] if overlay else [])
 
     times: dict[str, float] = {}
     cfg = config()
@@ -80,9 +82,14 @@ def main(argv: list[str]) -> int:
             results["baseline"].append(metrics["baseline"])
         return metrics["resnet"]
 
-    recipe_cfg = config(recipe=True)
+    recipe_cfg = config(overlay=RECIPE)
     timed("train_resnet problem recipe", times, train.run, recipe_cfg, "resnet", progress=False)
     results["problem recipe"].append(evaluated(recipe_cfg, "problem recipe"))
+    for candidate in args.candidates:
+        label = f"candidate {Path(candidate).stem}"
+        candidate_cfg = config(overlay=candidate)
+        timed(f"train_resnet {label}", times, train.run, candidate_cfg, "resnet", progress=False)
+        results[label] = [evaluated(candidate_cfg, label)]
     # Seeds last to first, so that the workspace ends with the default seed's model and report.
     for seed in reversed(args.seeds):
         seed_cfg = config(f"train.resnet.seed={seed}")

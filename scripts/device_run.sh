@@ -5,7 +5,10 @@
 #
 # Before the call, here:  bash scripts/prepare_device_carry.sh   (fills .carry/ and .whl/)
 # The call:  run(command="bash scripts/device_run.sh", carry=[".carry", ".whl"], timeout_s=540)
-# On the CPU, as a test:  OUT=/tmp/out bash scripts/device_run.sh --tiny
+# On the CPU, as a test:  OUT=/tmp/out bash scripts/device_run.sh --tiny   (writes the pipeline outputs
+# and mlflow.db into this tree, as on the device: rehearse in a clone)
+# Arguments after --tiny (or all of them) go to scripts/acceptance.py, e.g. `--seeds 0 --candidates` to
+# run only the default, the recipe and no candidates, so that a long sweep can be split over two calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -21,6 +24,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 
 limit=() extra=()
 if [ "${1:-}" = "--tiny" ]; then  # a CPU rehearsal: tiny archive, tiny models, one epoch
+  shift
   limit=(--limit-per-class 20)
   extra=(-S data.val_size=50 -S train.eval_train_size=0 -S train.log_model=false
          -S train.baseline.epochs=1 -S train.resnet.epochs=1 -S "train.baseline.model.widths=[4,8]"
@@ -30,7 +34,7 @@ fi
 mirror=$(mktemp -d)
 md5=$(python3 .carry/make_archive.py "$mirror" "${limit[@]}" | awk '/^md5/ {print $2}')
 export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db
-python3 scripts/acceptance.py --archive "$mirror/cifar-10-python.tar.gz" --md5 "$md5" --out "$OUT" "${extra[@]}"
+python3 scripts/acceptance.py --archive "$mirror/cifar-10-python.tar.gz" --md5 "$md5" --out "$OUT" "${extra[@]}" "$@"
 cp mlflow.db "$OUT/mlflow.db"
 tar czf "$OUT/outputs.tar.gz" metrics plots reports
 ls -la "$OUT"
