@@ -102,6 +102,8 @@ class TrainingConfig(Strict):
     # Processes for data-parallel training (torchrun + DistributedDataParallel; NCCL on GPUs, gloo on CPUs).
     # The global batch size and the learning rate stay what each model's params say.
     nproc: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
+    # torch.compile the training step: faster steps on GPUs after a compile of tens of seconds.
+    compile: bool = False
     baseline: TrainConfig
     resnet: TrainConfig
 

@@ -169,6 +169,8 @@ def fit(
         if device.type == "cuda":  # batch statistics over the global batch, as in one process
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        net = torch.compile(net)  # the training steps only: evaluation runs the plain module
 
     x_train, y_train = to_device_tensor(train, device)
     x_val, y_val = to_device_tensor(val, device)
@@ -205,11 +207,12 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        bar = tqdm(batches(len(y_train), cfg.batch_size, cfg.seed, epoch, ctx.world_size),
-                   desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+        # Indices go to the device once per epoch: a copy per step would stall the GPU's queue every step.
+        epoch_batches = [b[ctx.rank::ctx.world_size].to(device)  # this process's share of each global batch
+                         for b in batches(len(y_train), cfg.batch_size, cfg.seed, epoch, ctx.world_size)]
+        bar = tqdm(epoch_batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (progress and ctx.is_main))
         for step, index in enumerate(bar):
-            index = index[ctx.rank::ctx.world_size].to(device)  # this process's share of the global batch
             images, labels = x_train[index], y_train[index]
             with autocast(device):
                 logits = net(images)

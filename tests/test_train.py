@@ -241,6 +241,17 @@ def test_ema_weights_are_the_ones_evaluated_and_selected(tmp_path):
     assert val_accuracy(result.model, SMALL_VAL) == pytest.approx(result.history[-1]["val_acc"])
 
 
+def test_compiled_training_step_learns_like_the_eager_one(tmp_path):
+    cfg = train_config(epochs=2)
+    eager = fit(cfg, settings(), SMALL_TRAIN, SMALL_VAL, tmp_path / "eager.pt", "f", progress=False)
+    compiled = fit(cfg, settings(compile=True), SMALL_TRAIN, SMALL_VAL, tmp_path / "compiled.pt", "f",
+                   progress=False)
+    # Inductor fuses and reorders float arithmetic: close, not bit-identical.
+    for ours, theirs in zip(eager.history, compiled.history):
+        assert theirs["train_loss"] == pytest.approx(ours["train_loss"], rel=1e-3)
+        assert theirs["val_loss"] == pytest.approx(ours["val_loss"], rel=1e-3)
+
+
 # --- determinism and data order ---------------------------------------------------------------
 
 def test_same_seed_gives_the_same_history(tmp_path):
