@@ -24,6 +24,8 @@ STAGES = {
     "all": "run every stage in order, all in one MLflow parent run",
 }
 
+MODEL_STAGES = ("train", "log-run")  # the stages that take a model name
+
 # Shortcuts for the most-changed training params, shared with the MLproject entry points.
 # Each maps to train.<model>.<key>; an empty value means "as params.yaml says".
 SHORTCUTS = {
@@ -61,9 +63,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             help=f"train.<model>.{SHORTCUTS[name]} (for train: the chosen model; for all: "
                             + ("the resnet" if name == "dropout" else "both models") + ")")
     args = parser.parse_args(argv)
-    if args.stage in ("train", "log-run") and args.model is None:
+    if args.stage in MODEL_STAGES and args.model is None:
         parser.error(f"{args.stage} needs a model: python -m pipeline {args.stage} {{baseline,resnet}}")
-    if args.stage not in ("train", "log-run") and args.model is not None:
+    if args.stage not in MODEL_STAGES and args.model is not None:
         parser.error(f"'{args.model}' is only taken by train and log-run")
     return args
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_module.load(args.params, overrides, args.overlay)
         progress = not args.no_progress
         # Imported here so that --help and config errors answer without loading torch and mlflow.
-        from pipeline import distributed
+        from pipeline import distributed, tracking
         from pipeline.stages import download, evaluate, normalize, train
 
         if args.stage == "download":
@@ -109,20 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             normalize.run(config)
         elif args.stage == "train":
             if config.train.nproc > 1 and not distributed.under_launcher():
-                from pipeline import tracking
-
                 tracking.require_tracking(f"train_{args.model}")  # before any process starts training
                 return torchrun(config.train.nproc, argv)
             train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
         elif args.stage == "evaluate":
             evaluate.run(config)
         elif args.stage == "log-run":
-            from pipeline import tracking
-
             print(tracking.relog_stage(config, args.model))
         else:
-            from pipeline import tracking
-
             tracking.require_tracking("all")  # before the parent run and the data stages
             # Under `mlflow run`, its run is the parent of the stage runs.
             parent = os.environ.pop("MLFLOW_RUN_ID", None)
