@@ -1,24 +1,31 @@
 """Acceptance run on the full data set: the pipeline, three seeds of the default ResNet, the problem's
-own recipe beside it, the speed bench, and one compact results table.
+own recipe beside it, the speed bench, candidate recipes, and one compact results table.
 
 Run from the project root (scripts/device_run.sh calls it on the GPU machine):
 
-    python scripts/acceptance.py --archive PATH --md5 MD5 --out DIR [--seeds 0 1 2] [-S key=value ...]
+    python scripts/acceptance.py --archive PATH --md5 MD5 --out DIR [--seeds 0 1 2] [--budget-s 480]
 
 Every stage is the pipeline's own (pipeline.stages), in this one process; MLflow records each run as
-usual. Writes DIR/results.md, DIR/results.json and DIR/bench.json.
+usual. The runs go in order of importance: the whole pipeline with the first seed (whose metrics,
+plots and report are packed into DIR/outputs.tar.gz at once), the problem's recipe, the other seeds,
+the bench, a torch.compile timing, then the candidates. After every run DIR/results.md,
+DIR/results.json and DIR/mlflow.db are rewritten, so a call cut short still returns what it did; a
+run that would not finish within --budget-s is skipped and named as skipped in the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
+
+import mlflow
 
 from pipeline import config as config_module
 from pipeline import paths
@@ -27,14 +34,83 @@ from pipeline.stages import download, evaluate, normalize, train
 RECIPE = Path("configs/problem_recipe.yaml")
 FIGURES = ["train_running_acc", "train_acc", "val_acc", "test_acc", "gap", "train_time_s"]
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H100 SXM datasheet figure, dense (no sparsity)
+SAFETY = 1.25  # a run is started only if this many times the longest similar run still fits the budget
 
 
-def timed(label: str, times: dict, fn, *args, **kwargs):
-    started = time.perf_counter()
-    result = fn(*args, **kwargs)
-    times[label] = time.perf_counter() - started
-    print(f"== {label}: {times[label]:.1f} s", flush=True)
-    return result
+class Sweep:
+    """The runs done so far, their stage times, and the files in --out that say so."""
+
+    def __init__(self, out: Path, budget_s: float, peak_tflops: float):
+        self.out, self.budget_s, self.peak_tflops = out, budget_s, peak_tflops
+        self.started = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.results: dict[str, list[dict]] = {}
+        self.skipped: list[str] = []
+        self.bench: dict | None = None
+        self.pipeline_s: float | None = None
+
+    def timed(self, label: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[label] = time.perf_counter() - started
+        print(f"== {label}: {self.times[label]:.1f} s (elapsed {self.elapsed():.0f} s)", flush=True)
+        return result
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def fits(self, label: str, expected_s: float) -> bool:
+        if self.elapsed() + SAFETY * expected_s <= self.budget_s:
+            return True
+        print(f"== skipping {label}: ~{expected_s:.0f} s would pass the {self.budget_s:.0f} s budget", flush=True)
+        self.skipped.append(label)
+        self.save()
+        return False
+
+    def train_and_evaluate(self, group: str, cfg: config_module.Config, label: str) -> None:
+        self.timed(f"train_resnet {label}", train.run, cfg, "resnet", progress=False)
+        metrics = self.timed(f"evaluate {label}", evaluate.run, cfg)
+        self.results.setdefault("baseline", [metrics["baseline"]])  # the same baseline model every time
+        self.results.setdefault(group, []).append(metrics["resnet"])
+        self.save()
+
+    def longest(self, prefix: str) -> float:
+        """The longest train + evaluate time so far of runs whose labels start with `prefix`."""
+        return max((self.times[k] + self.times.get(k.replace("train_resnet", "evaluate", 1), 0.0)
+                    for k in self.times if k.startswith(f"train_resnet {prefix}")), default=0.0)
+
+    def table(self) -> str:
+        def cell(s: dict, k: str) -> str:
+            if k == "train_time_s":
+                return f"{s[k]['mean']:.1f} ± {s[k]['std']:.1f}"
+            return f"{s[k]['mean']:.2%} ± {s[k]['std']:.2%}"
+
+        lines = ["| configuration | train acc (running) | train acc (clean) | val acc | test acc | gap | "
+                 "train time (s) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} (n={len(runs)}) | " + " | ".join(cell(summarize(runs), k) for k in FIGURES) + " |"
+                  for name, runs in self.results.items()]
+        if self.pipeline_s is not None:
+            lines += ["", f"Whole pipeline with the first seed (download, normalize, both trainings, evaluate, in "
+                          f"one process): {self.pipeline_s:.0f} s."]
+        if self.bench is not None:
+            lines += ["", f"Device: {self.bench['device']}, torch {self.bench['torch']}.", "",
+                      "| model | batch | images/s | ms/step | train GFLOP/image | TFLOP/s | fraction of bf16 peak |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {b['batch_size']} | {b['images_per_s']:.0f} | {b['ms_per_step']:.2f} | "
+                      f"{b['train_gflops_per_image']:.3f} | {b['achieved_tflops']:.1f} | "
+                      f"{b['achieved_tflops'] / self.peak_tflops:.1%} |" for name, b in self.bench["models"].items()]
+        if self.skipped:
+            lines += ["", "Skipped for the time budget: " + ", ".join(self.skipped)]
+        lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.times.items())]
+        return "\n".join(lines) + "\n"
+
+    def save(self) -> None:
+        (self.out / "results.md").write_text(self.table())
+        (self.out / "results.json").write_text(json.dumps(
+            {"summary": {name: summarize(runs) for name, runs in self.results.items()}, "runs": self.results,
+             "times": self.times, "skipped": self.skipped, "pipeline_s": self.pipeline_s, "bench": self.bench},
+            indent=2, default=str))
+        backup_tracking_store(self.out / "mlflow.db")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -43,12 +119,22 @@ def summarize(runs: list[dict]) -> dict:
                 "values": [r[k] for r in runs]} for k in FIGURES}
 
 
-def row(name: str, s: dict) -> str:
-    def cell(k: str) -> str:
-        if k == "train_time_s":
-            return f"{s[k]['mean']:.1f} ± {s[k]['std']:.1f}"
-        return f"{s[k]['mean']:.2%} ± {s[k]['std']:.2%}"
-    return f"| {name} | " + " | ".join(cell(k) for k in FIGURES) + " |"
+def backup_tracking_store(target: Path) -> None:
+    """A consistent copy of a sqlite tracking store (sqlite's backup API), so that it can travel mid-run."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    with sqlite3.connect(uri.removeprefix("sqlite:///")) as source, sqlite3.connect(tmp) as copy:
+        source.backup(copy)
+    tmp.replace(target)
+
+
+def pack_outputs(target: Path) -> None:
+    """The pipeline's metrics, plots and report as they stand now (the first seed's)."""
+    with tarfile.open(target, "w:gz") as tar:
+        for folder in (paths.METRICS, paths.PLOTS, paths.REPORTS):
+            tar.add(folder)
 
 
 def main(argv: list[str]) -> int:
@@ -59,7 +145,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--candidates", nargs="*", default=sorted(map(str, Path("configs/candidates").glob("*.yaml"))),
                         help="other ResNet configurations (overlays), one run each (default: configs/candidates/)")
+    parser.add_argument("--no-compile-timing", dest="compile_timing", action="store_false",
+                        help="skip the extra run of the first seed with train.compile=true")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no run that would not end within this many seconds of the start")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,64 +158,52 @@ def main(argv: list[str]) -> int:
     def config(*extra: str, overlay: Path | str | None = None) -> config_module.Config:
         return config_module.load(overrides=[*base, *extra], overlays=[overlay] if overlay else [])
 
-    times: dict[str, float] = {}
-    cfg = config()
-    timed("download", times, download.run, cfg)
-    timed("normalize", times, normalize.run, cfg)
-    timed("train_baseline", times, train.run, cfg, "baseline", progress=False)
+    sweep = Sweep(args.out, args.budget_s, args.peak_tflops)
+    first, *other_seeds = args.seeds
+    default = "resnet (default params)"
 
-    results: dict[str, list[dict]] = {"baseline": [], "resnet (default params)": [], "problem recipe": []}
+    # 1. The whole pipeline, as `dvc repro` runs it, with the first seed.
+    cfg = config(f"train.resnet.seed={first}")
+    sweep.timed("download", download.run, cfg)
+    sweep.timed("normalize", normalize.run, cfg)
+    sweep.timed("train_baseline", train.run, cfg, "baseline", progress=False)
+    sweep.train_and_evaluate(default, cfg, f"seed {first}")
+    sweep.pipeline_s = sum(sweep.times[k] for k in ("download", "normalize", "train_baseline",
+                                                    f"train_resnet seed {first}", f"evaluate seed {first}"))
+    pack_outputs(args.out / "outputs.tar.gz")
+    (args.out / "report.md").write_text((paths.REPORTS / "report.md").read_text())
+    sweep.save()
 
-    def evaluated(run_cfg, label: str) -> dict:
-        metrics = timed(f"evaluate {label}", times, evaluate.run, run_cfg)
-        if not results["baseline"]:  # the same baseline model every time: record it once
-            results["baseline"].append(metrics["baseline"])
-        return metrics["resnet"]
+    # 2. The problem's recipe: a smaller net, but batch 64, so more steps than the default.
+    recipe_label = "problem recipe"
+    if sweep.fits(recipe_label, 2 * sweep.longest(f"seed {first}")):
+        sweep.train_and_evaluate(recipe_label, config(overlay=RECIPE), recipe_label)
 
-    recipe_cfg = config(overlay=RECIPE)
-    timed("train_resnet problem recipe", times, train.run, recipe_cfg, "resnet", progress=False)
-    results["problem recipe"].append(evaluated(recipe_cfg, "problem recipe"))
+    # 3. The other seeds of the default.
+    for seed in other_seeds:
+        if sweep.fits(f"seed {seed}", sweep.longest(f"seed {first}")):
+            sweep.train_and_evaluate(default, config(f"train.resnet.seed={seed}"), f"seed {seed}")
+
+    # 4. Speed: the bench, then the first seed again with torch.compile (its compile time included).
+    bench_file = args.out / "bench.json"
+    if sweep.fits("bench", 30):
+        sweep.timed("bench", subprocess.run, [sys.executable, "bench/train_speed.py", "--json", str(bench_file),
+                                              *sum((["-S", o] for o in base), [])], check=True)
+        sweep.bench = json.loads(bench_file.read_text())
+        sweep.save()
+    if args.compile_timing and sweep.fits("compiled", sweep.longest(f"seed {first}") + 60):
+        checkpoint = paths.checkpoint_file("resnet")
+        checkpoint.unlink(missing_ok=True)  # the same fingerprint as the first seed: start afresh, not resume
+        sweep.train_and_evaluate(f"{default}, train.compile", config(f"train.resnet.seed={first}",
+                                                                     "train.compile=true"), "compiled")
+
+    # 5. Candidates for the default recipe, one run each.
     for candidate in args.candidates:
         label = f"candidate {Path(candidate).stem}"
-        candidate_cfg = config(overlay=candidate)
-        timed(f"train_resnet {label}", times, train.run, candidate_cfg, "resnet", progress=False)
-        results[label] = [evaluated(candidate_cfg, label)]
-    # Seeds last to first, so that the workspace ends with the default seed's model and report.
-    for seed in reversed(args.seeds):
-        seed_cfg = config(f"train.resnet.seed={seed}")
-        timed(f"train_resnet seed {seed}", times, train.run, seed_cfg, "resnet", progress=False)
-        results["resnet (default params)"].append(evaluated(seed_cfg, f"seed {seed}"))
+        if sweep.fits(label, sweep.longest("")):
+            sweep.train_and_evaluate(label, config(overlay=candidate), label)
 
-    bench_file = args.out / "bench.json"
-    subprocess.run([sys.executable, "bench/train_speed.py", "--json", str(bench_file), *sum(
-        (["-S", o] for o in base), [])], check=True)
-    bench = json.loads(bench_file.read_text())
-
-    summary = {name: summarize(runs) for name, runs in results.items()}
-    first = args.seeds[0]
-    pipeline_s = sum(times[k] for k in ("download", "normalize", "train_baseline", f"train_resnet seed {first}",
-                                        f"evaluate seed {first}"))
-    lines = [
-        "| configuration | train acc (running) | train acc (clean) | val acc | test acc | gap | train time (s) |",
-        "|---|---|---|---|---|---|---|",
-        *[row(f"{name} (n={len(results[name])})", s) for name, s in summary.items()],
-        "",
-        f"Device: {bench['device']}, torch {bench['torch']}. Whole pipeline for seed {first} (download, normalize, "
-        f"both trainings, evaluate, in one process): {pipeline_s:.0f} s.",
-        "",
-        "| model | batch | images/s | ms/step | train GFLOP/image | TFLOP/s | fraction of bf16 peak |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {name} | {b['batch_size']} | {b['images_per_s']:.0f} | {b['ms_per_step']:.2f} | "
-          f"{b['train_gflops_per_image']:.3f} | {b['achieved_tflops']:.1f} | "
-          f"{b['achieved_tflops'] / args.peak_tflops:.1%} |" for name, b in bench["models"].items()],
-        "",
-        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()),
-    ]
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": results, "times": times,
-                                                       "bench": bench}, indent=2, default=str))
-    shutil.copy(paths.REPORTS / "report.md", args.out / "report.md")
-    print("\n".join(lines))
+    print(sweep.table())
     return 0
 
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU acceptance run (one `device` call): build the full archive from the carried offline copy,
-# run scripts/acceptance.py (pipeline, 3 seeds, the problem's recipe, bench), and put the results
-# table, metrics, report and MLflow database under $OUT.
+# run scripts/acceptance.py (pipeline, the problem's recipe, 3 seeds, bench, candidates), which puts the
+# results table, metrics, report and MLflow database under $OUT.
 #
 # Before the call, here:  bash scripts/prepare_device_carry.sh   (fills .carry/ and .whl/)
 # The call:  run(command="bash scripts/device_run.sh", carry=[".carry", ".whl"], timeout_s=540)
+# BUDGET_S (default 500) bounds the whole script: acceptance.py starts no run that would end after it,
+# and rewrites its results in $OUT after every run, so even a call cut short returns what it did.
 # On the CPU, as a test:  OUT=/tmp/out bash scripts/device_run.sh --tiny   (writes the pipeline outputs
 # and mlflow.db into this tree, as on the device: rehearse in a clone)
 # Arguments after --tiny (or all of them) go to scripts/acceptance.py, e.g. `--seeds 0 --candidates` to
@@ -34,7 +36,6 @@ fi
 mirror=$(mktemp -d)
 md5=$(python3 .carry/make_archive.py "$mirror" "${limit[@]}" | awk '/^md5/ {print $2}')
 export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db
-python3 scripts/acceptance.py --archive "$mirror/cifar-10-python.tar.gz" --md5 "$md5" --out "$OUT" "${extra[@]}" "$@"
-cp mlflow.db "$OUT/mlflow.db"
-tar czf "$OUT/outputs.tar.gz" metrics plots reports
+python3 scripts/acceptance.py --archive "$mirror/cifar-10-python.tar.gz" --md5 "$md5" --out "$OUT" \
+  --budget-s $(( ${BUDGET_S:-500} - SECONDS )) "${extra[@]}" "$@"
 ls -la "$OUT"
