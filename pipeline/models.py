@@ -65,14 +65,18 @@ class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm; the shortcut is added before the last ReLU.
 
     The shortcut is the identity when the shape is unchanged, else `downsample`: a strided 1x1
-    convolution with batch norm that matches the branch's channels and resolution.
+    convolution with batch norm that matches the branch's channels and resolution. Dropout sits
+    between the two convolutions, inside the residual branch (Zagoruyko & Komodakis, 2016, "Wide
+    Residual Networks"): the shortcut carries the signal through undropped.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.drop_path = StochasticDepth(drop_path)
@@ -85,7 +89,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.dropout(self.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
         return self.relu(self.drop_path(out) + identity)
 
@@ -111,9 +115,7 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and i == 0 else 1
                 # Deeper blocks are dropped more often: linear rule of the stochastic depth paper.
                 drop_path = stochastic_depth * index / max(total - 1, 1)
-                layers.append(BasicBlock(in_channels, out_channels, stride, drop_path))
-                if dropout > 0:
-                    layers.append(nn.Dropout(dropout))
+                layers.append(BasicBlock(in_channels, out_channels, stride, drop_path, dropout))
                 in_channels, index = out_channels, index + 1
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)

@@ -68,7 +68,8 @@ def test_build_model_follows_the_config():
     baseline = models.build_model(BaselineModelConfig(widths=[4, 8], hidden=16))
     resnet = models.build_model(ResNetModelConfig(width=4, blocks=[1, 2], dropout=0.1))
     assert isinstance(baseline, BaselineCNN) and isinstance(resnet, ResNet)
-    assert [len(stage) for stage in resnet.stages] == [2, 4]  # each block followed by its dropout
+    assert [len(stage) for stage in resnet.stages] == [1, 2]  # blocks per stage
+    assert all(block.dropout.p == 0.1 for stage in resnet.stages for block in stage)
 
 
 # --- the residual block -----------------------------------------------------------------------
@@ -177,17 +178,23 @@ def test_drop_path_grows_linearly_with_depth():
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
 
-def test_dropout_follows_every_block_only_when_dropout_is_positive():
+def test_dropout_sits_in_every_residual_branch_only_when_dropout_is_positive():
     model = ResNet(4, [2, 1, 1], dropout=0.3)
-    for stage in model.stages:
-        layers = list(stage)
-        assert [type(m) for m in layers] == [BasicBlock, nn.Dropout] * (len(layers) // 2)
-        assert all(m.p == 0.3 for m in layers if isinstance(m, nn.Dropout))
-    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 4
+    assert all(isinstance(m, BasicBlock) for stage in model.stages for m in stage)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 4 and all(m.p == 0.3 for m in dropouts)
 
     plain = ResNet(4, [2, 1, 1], dropout=0.0)
     assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
-    assert all(isinstance(m, BasicBlock) for stage in plain.stages for m in stage)
+
+
+def test_dropout_spares_the_shortcut():
+    # With the whole branch dropped, a block passes its input through the identity shortcut (then the
+    # ReLU): dropout regularizes the branch, never the signal that the skip connection carries.
+    block = BasicBlock(4, 4, dropout=1.0).train()
+    x = torch.randn(8, 4, 6, 6)
+    assert torch.equal(block(x), torch.relu(x))
+    assert not torch.equal(block.eval()(x), torch.relu(x))  # eval mode: the branch is back
 
 
 # --- saving and loading ---------------------------------------------------------------------
