@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         progress = not args.no_progress
         # Imported here so that --help and config errors answer without loading torch and mlflow.
         from pipeline import distributed, tracking
-        from pipeline.stages import download, evaluate, normalize, train
+        from pipeline.stages import download, evaluate, log_run, normalize, train
 
         if args.stage == "download":
             download.run(config)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "evaluate":
             evaluate.run(config)
         elif args.stage == "log-run":
-            print(tracking.relog_stage(config, args.model))
+            print(log_run.run(config, args.model))
         else:
             tracking.require_tracking("all")  # before the parent run and the data stages
             # Under `mlflow run`, its run is the parent of the stage runs.

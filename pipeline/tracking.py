@@ -5,20 +5,18 @@ Tracking goes to MLFLOW_TRACKING_URI when set, else to sqlite:///mlflow.db at th
 
 A shared tracking server can be down or go away. A stage checks that the store answers before it
 trains (`require_tracking`); once training has started, a lost server costs records, never the
-trained model: `StageLog` bounds and records every MLflow call, and `relog_stage` records a finished
-stage's DVC outputs as a new run afterwards (`python -m pipeline log-run <model>`).
+trained model: `StageLog` bounds and records every MLflow call, and the log-run stage
+(pipeline/stages/log_run.py) records a finished stage's DVC outputs as a new run afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import re
 import subprocess
 import sys
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,7 +77,7 @@ def shown_uri(uri: str | None = None) -> str:
     return re.sub(r"//[^/@]*@", "//***@", uri or mlflow.get_tracking_uri())
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """One short line for an MLflow/requests error, whose messages run to several hundred characters."""
     text = str(exc)
     for needle, short in (("Connection refused", "connection refused"),
@@ -122,7 +120,7 @@ def require_tracking(stage: str) -> str:
             where = "the local default"
             fix = "make the working directory writable (the local store is mlflow.db there), or set MLFLOW_TRACKING_URI"
         raise TrackingError(
-            f"the MLflow tracking store {uri} ({where}) is not reachable: {_reason(exc)}. "
+            f"the MLflow tracking store {uri} ({where}) is not reachable: {failure_reason(exc)}. "
             f"{stage} did not start; nothing was trained or written. To fix: {fix}."
         ) from exc
     return uri
@@ -162,7 +160,7 @@ class StageLog:
                 result = fn(*args, **kwargs)
         except Exception as exc:
             if self.first_error is None:
-                self.first_error = _reason(exc)
+                self.first_error = failure_reason(exc)
                 print(f"warning: MLflow ({shown_uri()}) did not record {what}: {self.first_error}. Training goes on "
                       "and its DVC outputs will be complete; what MLflow misses is listed at the end",
                       file=sys.stderr, flush=True)
@@ -352,80 +350,3 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
         model, name="model", input_example=example, signature=infer_signature(example, output)
     )
     return info.model_uri
-
-
-def relog_stage(config: Config, name: str) -> str:
-    """Record a finished training stage's DVC outputs as a new MLflow run: what `log-run` does.
-
-    For a stage whose tracking server was lost: params from the config, the per-epoch metrics from
-    plots/<name>/history.csv, the final metrics from metrics/<name>.json, the model from
-    models/<name>/model.pt (when train.log_model), the history and learning curves as artifacts.
-    models/<name>/mlflow.json then points at the new run. Returns what was done, for the user.
-    """
-    import pandas as pd
-
-    from pipeline import data, models, paths, plots
-    from pipeline.errors import ModelFileError
-    from pipeline.stages.train import fingerprint  # the stage module imports this one
-
-    require_tracking(f"log-run {name}")
-    stage = f"train_{name}"
-    for needed in (paths.model_file(name), paths.metrics_file(name), paths.history_file(name)):
-        if not needed.exists():
-            raise ModelFileError(f"{needed} not found: {stage} has not finished, there is nothing to log "
-                                 f"(run it: dvc repro {stage})")
-    train_cfg = getattr(config.train, name)
-    model, saved = models.load(paths.model_file(name), train_cfg.model, stage)
-    if saved.get("fingerprint") != fingerprint(config, name):
-        raise ModelFileError(
-            f"{paths.model_file(name)} was trained with other params (data or train.{name}) than the params given "
-            "now; log-run records the params it is given, so give it the ones the model was trained with "
-            "(the same params.yaml and -S overrides)")
-    summary = json.loads(paths.metrics_file(name).read_text())
-    history = pd.read_csv(paths.history_file(name))
-    tracking_file = paths.model_tracking_file(name)
-    previous = json.loads(tracking_file.read_text()) if tracking_file.exists() else {}
-    stats = data.load_stats(paths.NORMALIZED)
-    splits = {split: data.load_split(paths.NORMALIZED, split) for split in ("train", "val")}
-
-    client = MlflowClient()
-    try:
-        with stage_run(config, stage, run_name=name) as run:
-            run_id = run.info.run_id
-            mlflow.set_tags({"model": name, **data_tags(stats), RELOGGED_FROM_TAG: previous.get("run_id") or "none",
-                             "select": f"{train_cfg.select} -> epoch {summary['selected_epoch']}"})
-            log_params(training_params(config, name))
-            log_datasets(splits, stats, source=str(paths.NORMALIZED))
-            now = int(time.time() * 1000)
-            points = [mlflow.entities.Metric(key, float(value), now, int(row["epoch"]))
-                      for row in history.to_dict("records") for key, value in row.items()]
-            for start in range(0, len(points), 1000):  # MLflow's limit per batch
-                client.log_batch(run_id, metrics=points[start:start + 1000])
-            mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-            mlflow.log_artifact(str(paths.history_file(name)))
-            mlflow.log_figure(plots.learning_curves({name: history}), "learning_curves.png")
-            model_uri = (log_model(model, splits["val"].images[:4].astype("float32"))
-                         if config.train.log_model else None)
-    except Exception as exc:  # the server went away again: nothing local changed, so simply rerun
-        raise TrackingError(f"log-run {name} failed against {shown_uri()}: {_reason(exc)}. {tracking_file} is "
-                            f"unchanged; run `python -m pipeline log-run {name}` again once the server answers "
-                            "(the partial run it leaves is marked FAILED when the server allows)") from exc
-    tracking_file.parent.mkdir(parents=True, exist_ok=True)
-    tracking_file.write_text(json.dumps(
-        {"run_id": run_id, "model_uri": model_uri, "experiment": config.train.experiment, "complete": True,
-         "relogged_from": previous.get("run_id")}, indent=2) + "\n")
-
-    old = previous.get("run_id")
-    if old:  # point the incomplete run at its replacement, if this store has it
-        try:
-            with http_limits(**CHECK_HTTP, override=True):
-                client.set_tag(old, RELOGGED_AS_TAG, run_id)
-                if client.get_run(old).info.status == "RUNNING":
-                    client.set_terminated(old, "FAILED")
-        except Exception:
-            pass  # another store, or deleted: nothing to point
-    return (f"logged {stage}'s outputs as MLflow run {run_id} in {shown_uri()} (experiment "
-            f"{config.train.experiment}): params, {len(history)} epochs of metrics, final metrics, "
-            f"artifacts{', model ' + model_uri if model_uri else ''}.\n"
-            f"{tracking_file} now points at it. Under DVC, record that change without retraining: "
-            f"dvc commit -f {stage}")

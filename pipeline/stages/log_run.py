@@ -1,0 +1,88 @@
+"""Stage log-run (`python -m pipeline log-run <model>`): a finished training stage's DVC outputs as a
+new MLflow run, for a stage whose tracking server was lost.
+
+Params come from the config, the per-epoch metrics from plots/<name>/history.csv, the final metrics
+from metrics/<name>.json, the model from models/<name>/model.pt (when train.log_model), the history
+and learning curves as artifacts. models/<name>/mlflow.json then points at the new run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from pipeline import data, models, paths, plots, tracking
+from pipeline.config import Config
+from pipeline.errors import ModelFileError
+from pipeline.stages.train import fingerprint
+
+
+def run(config: Config, name: str) -> str:
+    """Record the stage train_<name> as a new run. Returns what was done, for the user."""
+    tracking.require_tracking(f"log-run {name}")
+    stage = f"train_{name}"
+    for needed in (paths.model_file(name), paths.metrics_file(name), paths.history_file(name)):
+        if not needed.exists():
+            raise ModelFileError(f"{needed} not found: {stage} has not finished, there is nothing to log "
+                                 f"(run it: dvc repro {stage})")
+    train_cfg = getattr(config.train, name)
+    model, saved = models.load(paths.model_file(name), train_cfg.model, stage)
+    if saved.get("fingerprint") != fingerprint(config, name):
+        raise ModelFileError(
+            f"{paths.model_file(name)} was trained with other params (data or train.{name}) than the params given "
+            "now; log-run records the params it is given, so give it the ones the model was trained with "
+            "(the same params.yaml and -S overrides)")
+    summary = json.loads(paths.metrics_file(name).read_text())
+    history = pd.read_csv(paths.history_file(name))
+    tracking_file = paths.model_tracking_file(name)
+    previous = json.loads(tracking_file.read_text()) if tracking_file.exists() else {}
+    stats = data.load_stats(paths.NORMALIZED)
+    splits = {split: data.load_split(paths.NORMALIZED, split) for split in ("train", "val")}
+
+    client = MlflowClient()
+    try:
+        with tracking.stage_run(config, stage, run_name=name) as run:
+            run_id = run.info.run_id
+            mlflow.set_tags({"model": name, **tracking.data_tags(stats),
+                             tracking.RELOGGED_FROM_TAG: previous.get("run_id") or "none",
+                             "select": f"{train_cfg.select} -> epoch {summary['selected_epoch']}"})
+            tracking.log_params(tracking.training_params(config, name))
+            tracking.log_datasets(splits, stats, source=str(paths.NORMALIZED))
+            now = int(time.time() * 1000)
+            points = [mlflow.entities.Metric(key, float(value), now, int(row["epoch"]))
+                      for row in history.to_dict("records") for key, value in row.items()]
+            for start in range(0, len(points), 1000):  # MLflow's limit per batch
+                client.log_batch(run_id, metrics=points[start:start + 1000])
+            mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+            mlflow.log_artifact(str(paths.history_file(name)))
+            mlflow.log_figure(plots.learning_curves({name: history}), "learning_curves.png")
+            model_uri = (tracking.log_model(model, splits["val"].images[:4].astype("float32"))
+                         if config.train.log_model else None)
+    except Exception as exc:  # the server went away again: nothing local changed, so simply rerun
+        raise tracking.TrackingError(
+            f"log-run {name} failed against {tracking.shown_uri()}: {tracking.failure_reason(exc)}. "
+            f"{tracking_file} is unchanged; run `python -m pipeline log-run {name}` again once the server answers "
+            "(the partial run it leaves is marked FAILED when the server allows)") from exc
+    tracking_file.parent.mkdir(parents=True, exist_ok=True)
+    tracking_file.write_text(json.dumps(
+        {"run_id": run_id, "model_uri": model_uri, "experiment": config.train.experiment, "complete": True,
+         "relogged_from": previous.get("run_id")}, indent=2) + "\n")
+
+    old = previous.get("run_id")
+    if old:  # point the incomplete run at its replacement, if this store has it
+        try:
+            with tracking.http_limits(**tracking.CHECK_HTTP, override=True):
+                client.set_tag(old, tracking.RELOGGED_AS_TAG, run_id)
+                if client.get_run(old).info.status == "RUNNING":
+                    client.set_terminated(old, "FAILED")
+        except Exception:
+            pass  # another store, or deleted: nothing to point
+    return (f"logged {stage}'s outputs as MLflow run {run_id} in {tracking.shown_uri()} (experiment "
+            f"{config.train.experiment}): params, {len(history)} epochs of metrics, final metrics, "
+            f"artifacts{', model ' + model_uri if model_uri else ''}.\n"
+            f"{tracking_file} now points at it. Under DVC, record that change without retraining: "
+            f"dvc commit -f {stage}")
