@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import config as config_module
 from pipeline.models import build_model, count_parameters
 from pipeline.paths import MODEL_NAMES
-from pipeline.train import autocast, device_name, make_optimizer, select_device
+from pipeline.train import device_name, make_optimizer, select_device, train_step
 
 
 def training_flops_per_image(model_cfg) -> float:
@@ -46,20 +46,13 @@ def bench(train_cfg, device: torch.device, steps: int, warmup: int) -> dict:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
 
-    def step() -> None:
-        with autocast(device):
-            loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     for _ in range(warmup):
-        step()
+        train_step(model, criterion, optimizer, images, labels)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(model, criterion, optimizer, images, labels)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started

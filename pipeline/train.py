@@ -114,6 +114,18 @@ def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+def train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
+               labels: Tensor) -> tuple[Tensor, Tensor]:
+    """One optimizer step on a batch: forward (bf16 autocast on CUDA), backward, update. Returns (logits, loss)."""
+    with autocast(images.device):
+        logits = net(images)
+        loss = criterion(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """Seeds the global RNG (dropout, stochastic depth) per epoch and rank: a resumed run needs no saved RNG state."""
     return (seed * 1_000_003 + epoch) * 1_009 + rank
@@ -214,12 +226,7 @@ def fit(
                    disable=not (progress and ctx.is_main))
         for step, index in enumerate(bar):
             images, labels = x_train[index], y_train[index]
-            with autocast(device):
-                logits = net(images)
-                loss = criterion(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits, loss = train_step(net, criterion, optimizer, images, labels)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             schedule.step()
             if ema is not None:
