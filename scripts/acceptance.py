@@ -9,14 +9,16 @@ Every stage is the pipeline's own (pipeline.stages), in this one process; MLflow
 usual. The runs go in order of importance: the whole pipeline with the first seed (whose metrics,
 plots and report are packed into DIR/outputs.tar.gz at once), the problem's recipe, the other seeds,
 the bench, a torch.compile timing, then the candidates. After every run DIR/results.md,
-DIR/results.json and DIR/mlflow.db are rewritten, so a call cut short still returns what it did; a
-run that would not finish within --budget-s is skipped and named as skipped in the table.
+DIR/results.json, DIR/mlflow.db and DIR/histories/ (each run's per-epoch history.csv) are
+rewritten, so a call cut short still returns what it did; a run that would not finish within
+--budget-s is skipped and named as skipped in the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -73,6 +75,10 @@ class Sweep:
         metrics = self.timed(f"evaluate {label}", evaluate.run, cfg)
         self.results.setdefault("baseline", [metrics["baseline"]])  # the same baseline model every time
         self.results.setdefault(group, []).append(metrics["resnet"])
+        histories = self.out / "histories"  # every run's epochs, to read the curves without MLflow
+        histories.mkdir(exist_ok=True)
+        for name, run_label in (("baseline", "baseline"), ("resnet", label)):
+            shutil.copy(paths.history_file(name), histories / f"{run_label.replace(' ', '_')}.csv")
         self.save()
 
     def longest(self, prefix: str) -> float:
