@@ -27,7 +27,7 @@ from pipeline.config import TrainConfig, TrainingConfig
 from pipeline.data import Split, load_split
 from pipeline.stages import download, normalize
 from pipeline.stages import train as train_stage
-from pipeline.train import batches, fit, load_checkpoint, make_optimizer, make_schedule, predict, score
+from pipeline.train import EMA, batches, fit, load_checkpoint, make_optimizer, make_schedule, predict, score
 from tests.conftest import ROOT, enter_project, tiny_params
 
 TIMING = ("epoch_time_s", "images_per_s")  # the only fields allowed to differ between identical runs
@@ -228,13 +228,37 @@ def test_cosine_and_constant_schedules():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected_end, abs=1e-12), name
 
 
+def test_ema_warms_up_then_averages_with_its_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = EMA(model, decay=0.99)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.fill_(1)  # weights, bias, running statistics and the batch count
+
+    ema.update(model)  # first update: decay 2/11, so the average moves most of the way at once
+    first = 2 / 11
+    for key, value in ema.module.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, first * start[key] + (1 - first)), key
+        else:
+            assert value.item() == 1, "counters are copied, not averaged"
+
+    ema.updates = 10_000  # far past the warm-up: the configured decay holds
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(model)
+    weight = ema.module.state_dict()["0.weight"]
+    assert torch.allclose(weight, 0.99 * before["0.weight"] + 0.01)
+    assert all(not p.requires_grad for p in ema.module.parameters())
+
+
 def test_ema_weights_are_the_ones_evaluated_and_selected(tmp_path):
     model = {**RESNET, "dropout": 0.1, "stochastic_depth": 0.1}
     result = run_fit(tmp_path, train_config(model=model, epochs=2, ema_decay=0.9, optimizer={"name": "sgd", "lr": 0.05}),
                      SMALL_TRAIN, SMALL_VAL)
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert final["ema"] is not None
-    averaged = {k.removeprefix("module."): v for k, v in final["ema"].items() if k.startswith("module.")}
+    averaged = final["ema"]["model"]
     assert set(averaged) == set(result.state)
     assert all(torch.equal(result.state[k], averaged[k]) for k in averaged), "the selected weights are the EMA's"
     assert any(not torch.equal(averaged[k], final["model"][k]) for k in averaged if averaged[k].is_floating_point())
@@ -419,10 +443,11 @@ def test_killed_run_resumes_to_the_same_result_and_mlflow_run(tmp_path, monkeypa
     name = "resnet"
     params = tiny_params(archive_url, tiny_archive[1])
     # Wider than the tiny default, so that an epoch takes long enough to be interrupted; dropout,
-    # stochastic depth and onecycle make the result depend on the restored RNG and schedule.
+    # stochastic depth, onecycle and the EMA (with its warm-up count) make the result depend on the restored
+    # RNG, schedule and averaged weights.
     params["train"][name].update(
         model={"arch": "resnet", "width": 16, "blocks": [1, 1], "dropout": 0.1, "stochastic_depth": 0.2},
-        epochs=EPOCHS, schedule="onecycle")
+        epochs=EPOCHS, schedule="onecycle", ema_decay=0.99)
     killed, intact = tmp_path / "killed", tmp_path / "intact"
     prepare(killed, monkeypatch, params)
     intact.mkdir()
