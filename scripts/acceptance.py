@@ -8,7 +8,7 @@ Run from the project root (scripts/device_run.sh calls it on the GPU machine):
 Every stage is the pipeline's own (pipeline.stages), in this one process; MLflow records each run as
 usual. The runs go in order of importance: the whole pipeline with the first seed (whose metrics,
 plots and report are packed into DIR/outputs.tar.gz at once), the problem's recipe, the other seeds,
-the bench, a torch.compile timing, then the candidates. After every run DIR/results.md,
+the bench, the candidates, then a torch.compile timing. After every run DIR/results.md,
 DIR/results.json, DIR/mlflow.db and DIR/histories/ (each run's per-epoch history.csv) are
 rewritten, so a call cut short still returns what it did; a run that would not finish within
 --budget-s is skipped and named as skipped in the table.
@@ -194,24 +194,26 @@ def main(argv: list[str]) -> int:
         if sweep.fits(f"seed {seed}", sweep.longest(f"seed {first}")):
             sweep.train_and_evaluate(DEFAULT, config(f"train.resnet.seed={seed}"), f"seed {seed}")
 
-    # 4. Speed: the bench, then the first seed again with torch.compile (its compile time included).
+    # 4. The speed bench.
     bench_file = args.out / "bench.json"
     if sweep.fits("bench", 30):
         sweep.timed("bench", subprocess.run, [sys.executable, "bench/train_speed.py", "--json", str(bench_file),
                                               *sum((["-S", o] for o in base), [])], check=True)
         sweep.bench = json.loads(bench_file.read_text())
         sweep.save()
+
+    # 5. Candidates for the default recipe, one run each.
+    for candidate in args.candidates:
+        label = f"candidate {Path(candidate).stem}"
+        if sweep.fits(label, max(sweep.longest(f"seed {first}"), sweep.longest("candidate"))):
+            sweep.train_and_evaluate(label, config(overlay=candidate), label)
+
+    # 6. The first seed again with torch.compile, its compile time included.
     if args.compile_timing and sweep.fits("compiled", sweep.longest(f"seed {first}") + 60):
         checkpoint = paths.checkpoint_file("resnet")
         checkpoint.unlink(missing_ok=True)  # the same fingerprint as the first seed: start afresh, not resume
         sweep.train_and_evaluate(f"{DEFAULT}, train.compile", config(f"train.resnet.seed={first}",
                                                                      "train.compile=true"), "compiled")
-
-    # 5. Candidates for the default recipe, one run each.
-    for candidate in args.candidates:
-        label = f"candidate {Path(candidate).stem}"
-        if sweep.fits(label, sweep.longest("")):
-            sweep.train_and_evaluate(label, config(overlay=candidate), label)
 
     print(sweep.table())
     return 0
