@@ -135,11 +135,11 @@ def test_every_error_is_reported_at_once():
 
 def test_overrides_parse_yaml_values():
     cfg = load_with("train.resnet.model.blocks=[1,2]", "train.resnet.optimizer.lr=0.05",
-                    "train.resnet.optimizer.nesterov=false", "train.resnet.ema_decay=0.999",
+                    "train.resnet.optimizer.nesterov=false", "train.resnet.ema_decay=0.99",
                     "train.resnet.schedule=cosine", "data.seed=7")
     assert cfg.train.resnet.model.blocks == [1, 2]
     assert cfg.train.resnet.optimizer.lr == 0.05 and cfg.train.resnet.optimizer.nesterov is False
-    assert cfg.train.resnet.ema_decay == 0.999 and cfg.train.resnet.schedule == "cosine"
+    assert cfg.train.resnet.ema_decay == 0.99 and cfg.train.resnet.schedule == "cosine"
     assert cfg.data.seed == 7
     # Untouched keys keep the file's values.
     assert cfg.train.resnet.optimizer.name == "sgd" and cfg.train.resnet.model.width == 64
