@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay
 
-matplotlib.use("Agg")  # no display on servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+# Figures are built without pyplot: pyplot keeps every figure it makes until closed, so a process that
+# trains and evaluates many runs (scripts/acceptance.py) would pile them up. No display is needed either.
 
 
 def learning_curves(histories: dict[str, pd.DataFrame], target_val: float | None = None,
-                    target_train: float | None = None) -> plt.Figure:
+                    target_train: float | None = None) -> Figure:
     """Accuracy and loss per epoch, train (running, training mode) solid and validation dashed."""
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for (name, history), color in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    fig = Figure(figsize=(11, 4))
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for (name, history), color in zip(histories.items(), matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]):
         acc_ax.plot(history["epoch"], history["train_acc"], color=color, label=f"{name} train")
         acc_ax.plot(history["epoch"], history["val_acc"], color=color, linestyle="--", label=f"{name} validation")
         loss_ax.plot(history["epoch"], history["train_loss"], color=color, label=f"{name} train")
@@ -36,8 +37,9 @@ def learning_curves(histories: dict[str, pd.DataFrame], target_val: float | None
     return fig
 
 
-def confusion_matrices(matrices: dict[str, np.ndarray], classes: list[str]) -> plt.Figure:
-    fig, axes = plt.subplots(1, len(matrices), figsize=(6.5 * len(matrices), 6))
+def confusion_matrices(matrices: dict[str, np.ndarray], classes: list[str]) -> Figure:
+    fig = Figure(figsize=(6.5 * len(matrices), 6))
+    axes = fig.subplots(1, len(matrices))
     for ax, (name, matrix) in zip(np.atleast_1d(axes), matrices.items()):
         ConfusionMatrixDisplay(matrix, display_labels=classes).plot(
             ax=ax, colorbar=False, xticks_rotation=45, values_format="d"

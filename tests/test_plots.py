@@ -1,0 +1,23 @@
+"""pipeline/plots.py: the figures render to PNG, and pyplot keeps none of them alive."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from pipeline import plots
+
+
+def test_figures_render_and_are_not_retained(tmp_path):
+    history = pd.DataFrame({"epoch": [1, 2], "train_acc": [0.5, 0.7], "val_acc": [0.4, 0.6],
+                            "train_loss": [1.2, 0.8], "val_loss": [1.4, 1.0]})
+    open_before = len(plt.get_fignums())
+    for i in range(25):  # more than pyplot's 20-figure warning
+        curves = plots.learning_curves({"baseline": history, "resnet": history}, 0.85, 0.92)
+        confusion = plots.confusion_matrices({"resnet": np.eye(3, dtype=int) * 5}, ["a", "b", "c"])
+    assert len(plt.get_fignums()) == open_before
+    for name, fig in (("curves.png", curves), ("confusion.png", confusion)):
+        fig.savefig(tmp_path / name, dpi=50)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(curves.axes) == 2 and len(curves.axes[0].lines) == 4 + 2  # train/val per model, two target lines
