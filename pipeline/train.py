@@ -140,15 +140,15 @@ class EMA:
         self.decay, self.updates = decay, 0
         # state_dict() tensors share storage with the parameters and buffers: pair them once.
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        self._floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
+        self._current = [c for a, c in pairs if a.is_floating_point()]
         self._counters = [(a, c) for a, c in pairs if not a.is_floating_point()]  # batch norm's batch counts
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        averaged, current = zip(*self._floats)
-        torch._foreach_lerp_(list(averaged), list(current), 1.0 - decay)
+        torch._foreach_lerp_(self._averaged, self._current, 1.0 - decay)
         for a, c in self._counters:
             a.copy_(c)
 
