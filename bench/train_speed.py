@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import config as config_module
 from pipeline.models import build_model, count_parameters
 from pipeline.paths import MODEL_NAMES
-from pipeline.train import device_name, make_optimizer, select_device, train_step
+from pipeline.train import device_name, make_optimizer, memory_format, select_device, train_step, uses_bf16
 
 
 def training_flops_per_image(model_cfg) -> float:
@@ -32,27 +32,24 @@ def training_flops_per_image(model_cfg) -> float:
     return counter.get_total_flops() / 2
 
 
-def bench(train_cfg, device: torch.device, steps: int, warmup: int) -> dict:
-    model = build_model(train_cfg.model).to(device)
+def bench(train_cfg, device: torch.device, bf16: bool, steps: int, warmup: int) -> dict:
+    model = build_model(train_cfg.model).to(device, memory_format=memory_format(device))
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     model.train()
     optimizer = make_optimizer(train_cfg, model.parameters())
     criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
     batch = train_cfg.batch_size
-    images = torch.randn(batch, 3, 32, 32, device=device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format(device))
     labels = torch.randint(0, 10, (batch,), device=device)
 
     for _ in range(warmup):
-        train_step(model, criterion, optimizer, images, labels)
+        train_step(model, criterion, optimizer, images, labels, bf16)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
-        train_step(model, criterion, optimizer, images, labels)
+        train_step(model, criterion, optimizer, images, labels, bf16)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -77,10 +74,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = config_module.load(args.params, args.overrides)
     device = select_device(config.train.device)
+    bf16 = uses_bf16(config.train.precision, device)
     results = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "models": {name: bench(getattr(config.train, name), device, args.steps, args.warmup)
+               "precision": "bf16" if bf16 else "fp32",
+               "models": {name: bench(getattr(config.train, name), device, bf16, args.steps, args.warmup)
                           for name in MODEL_NAMES}}
-    print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads")
+    print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, {results['precision']}")
     for name, r in results["models"].items():
         print(f"{name:9s} batch {r['batch_size']:4d}  {r['images_per_s']:9.0f} img/s  {r['ms_per_step']:8.1f} ms/step"
               f"  {r['train_gflops_per_image']:.3f} GFLOP/img (train)  {r['achieved_tflops']:.3f} TFLOP/s"

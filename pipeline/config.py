@@ -94,6 +94,8 @@ class TrainConfig(Strict):
 class TrainingConfig(Strict):
     experiment: str = "cifar10-resnet-vs-cnn"
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    # bf16 autocast or plain fp32; "auto": bf16 on CUDA GPUs and on CPUs with native bf16, else fp32.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     deterministic: bool = False
     # Size of the fixed, seeded subset of the train split scored in eval mode every epoch (0: all).
     eval_train_size: Annotated[int, Field(strict=True, ge=0)] = 10000

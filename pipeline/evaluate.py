@@ -12,19 +12,19 @@ from torch import nn
 
 from pipeline.config import MAX_EPOCHS, Config
 from pipeline.data import Split
-from pipeline.train import predict, score, to_device_tensor
+from pipeline.train import memory_format, predict, score, to_device_tensor
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def evaluate_model(model: nn.Module, splits: dict[str, Split], device: torch.device, batch_size: int,
-                   num_classes: int) -> dict:
+                   num_classes: int, bf16: bool = False) -> dict:
     """Loss and accuracy on each split; per-class accuracy and confusion matrix on test."""
-    model = model.to(device).eval()
+    model = model.to(device, memory_format=memory_format(device)).eval()
     result: dict = {}
     for name, split in splits.items():
         images, labels = to_device_tensor(split, device)
-        logits = predict(model, images, batch_size)
+        logits = predict(model, images, batch_size, bf16)
         result[f"{name}_loss"], result[f"{name}_acc"] = score(logits, labels)
         if name == "test":
             predicted = logits.argmax(1).cpu().numpy()

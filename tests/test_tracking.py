@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config, data, models, paths, tracking
 from pipeline.stages import download, normalize, train
+from pipeline.train import uses_bf16
 from tests.conftest import enter_project, tiny_params
 
 
@@ -60,6 +61,7 @@ def test_run_is_tagged_with_provenance(trained_resnet):
     assert tags["data.norm_mean"] == ",".join(f"{v:.4f}" for v in stats["mean"])
     assert tags["torch.version"] == torch.__version__
     assert tags["device"] == "cpu"
+    assert tags["precision"] == ("bf16" if uses_bf16(cfg.train.precision, torch.device("cpu")) else "fp32")
     assert {"git.commit", "git.dirty", tracking.GROUP_TAG, "select"} <= set(tags)
     assert run.info.run_name == "resnet"
 

@@ -27,7 +27,8 @@ from pipeline.config import TrainConfig, TrainingConfig
 from pipeline.data import Split, load_split
 from pipeline.stages import download, normalize
 from pipeline.stages import train as train_stage
-from pipeline.train import EMA, batches, fit, load_checkpoint, make_optimizer, make_schedule, predict, score
+from pipeline.train import (EMA, batches, cpu_has_native_bf16, fit, load_checkpoint, make_optimizer, make_schedule,
+                            predict, score, train_step, uses_bf16)
 from tests.conftest import ROOT, enter_project, tiny_params
 
 TIMING = ("epoch_time_s", "images_per_s")  # the only fields allowed to differ between identical runs
@@ -66,8 +67,9 @@ RESNET = {"arch": "resnet", "width": 8, "blocks": [1]}
 
 
 def settings(**values) -> TrainingConfig:
+    # fp32: the exact premises below must not depend on whether the machine's CPU has native bf16.
     return TrainingConfig.model_validate({
-        "device": "cpu", "eval_train_size": 0, "eval_batch_size": 256, "log_model": False,
+        "device": "cpu", "precision": "fp32", "eval_train_size": 0, "eval_batch_size": 256, "log_model": False,
         "baseline": {"model": {"arch": "baseline"}}, "resnet": {"model": {"arch": "resnet"}}, **values,
     })
 
@@ -86,8 +88,8 @@ def without_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
 
 
-def val_accuracy(model: torch.nn.Module, split: Split = VAL) -> float:
-    logits = predict(model, torch.from_numpy(split.images).float(), 256)
+def val_accuracy(model: torch.nn.Module, split: Split = VAL, bf16: bool = False) -> float:
+    logits = predict(model, torch.from_numpy(split.images).float(), 256, bf16)
     return score(logits, torch.from_numpy(split.labels))[1]
 
 
@@ -276,6 +278,35 @@ def test_compiled_training_step_learns_like_the_eager_one(tmp_path):
         assert theirs["val_loss"] == pytest.approx(ours["val_loss"], rel=1e-3)
 
 
+# --- precision --------------------------------------------------------------------------------
+
+def test_precision_auto_takes_bf16_on_cuda_and_on_cpus_with_native_bf16():
+    assert uses_bf16("auto", torch.device("cuda", 0))
+    assert uses_bf16("auto", torch.device("cpu")) == cpu_has_native_bf16()
+    assert not uses_bf16("auto", torch.device("mps"))
+    assert uses_bf16("bf16", torch.device("cpu")) and not uses_bf16("fp32", torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
+def test_train_step_computes_in_the_asked_precision(bf16):
+    model = models.build_model(config.ResNetModelConfig.model_validate(RESNET))
+    optimizer = make_optimizer(train_config(), model.parameters())
+    images, labels = torch.from_numpy(SMALL_TRAIN.images[:8]).float(), torch.from_numpy(SMALL_TRAIN.labels[:8])
+    logits, loss = train_step(model, torch.nn.CrossEntropyLoss(), optimizer, images, labels, bf16)
+    assert logits.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert loss.dtype == torch.float32  # autocast computes the loss in fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32
+
+
+def test_bf16_training_learns_and_is_scored_in_bf16(tmp_path):
+    cfg = train_config(model=RESNET, epochs=6, optimizer={"name": "adam", "lr": 0.02}, select="last")
+    result = fit(cfg, settings(precision="bf16"), TRAIN, VAL, tmp_path / "checkpoint.pt", "f", progress=False)
+    assert result.precision == "bf16"
+    assert result.history[-1]["train_loss"] < 0.5 * result.history[0]["train_loss"]
+    assert result.history[-1]["val_acc"] > 0.7
+    assert val_accuracy(result.model, VAL, bf16=True) == pytest.approx(result.history[-1]["val_acc"])
+
+
 # --- determinism and data order ---------------------------------------------------------------
 
 def test_same_seed_gives_the_same_history(tmp_path):
@@ -356,7 +387,8 @@ def test_train_stage_writes_model_metrics_and_history(project, name):
         assert metrics[key] == pytest.approx(chosen[key]), key
     assert metrics["train_time_s"] == pytest.approx(history["epoch_time_s"].sum())
 
-    assert val_accuracy(model, load_split(paths.NORMALIZED, "val")) == pytest.approx(metrics["val_acc"])
+    bf16 = uses_bf16(cfg.train.precision, torch.device("cpu"))  # as the stage scored it
+    assert val_accuracy(model, load_split(paths.NORMALIZED, "val"), bf16) == pytest.approx(metrics["val_acc"])
     tracked = json.loads(paths.model_tracking_file(name).read_text())
     assert tracked["run_id"] and tracked["model_uri"] is None  # log_model is off in the tiny params
 

@@ -15,7 +15,7 @@ from pipeline.config import Config
 from pipeline.data import replacing_dir
 from pipeline.models import ModelFileError
 from pipeline.stages.train import fingerprint
-from pipeline.train import device_name, select_device
+from pipeline.train import device_name, select_device, uses_bf16
 
 CHAMPION = "champion"
 
@@ -45,7 +45,8 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     rows, histories, tracked = {}, {}, {}
     for name in paths.MODEL_NAMES:
         model, summary, histories[name], tracked[name] = _trained(config, name)
-        rows[name] = evaluate.evaluate_model(model, splits, device, config.train.eval_batch_size, len(classes))
+        rows[name] = evaluate.evaluate_model(model, splits, device, config.train.eval_batch_size, len(classes),
+                                             uses_bf16(config.train.precision, device))
         rows[name]["trained"] = summary
         if tracked[name].get("complete") is False:  # the tracking server was lost during training
             missing = "; ".join(tracked[name].get("not_logged", []))

@@ -47,7 +47,8 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
             on_epoch=log.epoch,
             resume=resume, run_id=run.info.run_id, progress=progress,
         )
-        log.do("the device tag", mlflow.set_tag, "device", tracking.environment_tags(result.device)["device"])
+        log.do("the device tags", mlflow.set_tags, {"device": tracking.environment_tags(result.device)["device"],
+                                                    "precision": result.precision})
         history = pd.DataFrame(result.history)
         chosen = history.loc[history["epoch"] == result.selected_epoch].iloc[0]
         summary = {
