@@ -105,7 +105,7 @@ class Sweep:
             lines += ["", f"ResNet training time (every epoch, its evaluations included): default {ours:.1f} s, "
                           f"the problem's recipe {theirs:.1f} s ({theirs / ours:.2f}x the default's)."]
         if self.bench is not None:
-            lines += ["", f"Device: {self.bench['device']}, torch {self.bench['torch']}.", "",
+            lines += ["", f"Device: {self.bench['device']}, torch {self.bench['torch']}, {self.bench['precision']}.", "",
                       "| model | batch | images/s | ms/step | train GFLOP/image | TFLOP/s | fraction of bf16 peak |",
                       "|---|---|---|---|---|---|---|"]
             lines += [f"| {name} | {b['batch_size']} | {b['images_per_s']:.0f} | {b['ms_per_step']:.2f} | "
