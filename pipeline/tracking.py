@@ -24,10 +24,12 @@ from typing import Iterator
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from pipeline import paths, plots
 from pipeline.config import Config, flatten
 from pipeline.data import Split
 from pipeline.errors import PipelineError
@@ -350,3 +352,24 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
         model, name="model", input_example=example, signature=infer_signature(example, output)
     )
     return info.model_uri
+
+
+def call(what: str, fn, *args, **kwargs):
+    """The plain caller for log_outcome: `what` is only a label, and a failure propagates."""
+    return fn(*args, **kwargs)
+
+
+def log_outcome(name: str, select: str, summary: dict, history: pd.DataFrame, model: torch.nn.Module,
+                example: np.ndarray, with_model: bool, do=call) -> str | None:
+    """What a finished training stage records beside its per-epoch metrics: the final metrics, the
+    select tag, history.csv, the learning curves and, if `with_model`, the model (its URI is returned).
+
+    Each record goes through `do(what, fn, *args)`: the train stage passes StageLog.do, which outlives
+    a lost server and lists what it missed; log-run passes the plain `call` and fails as a whole.
+    """
+    do("the final metrics", mlflow.log_metrics,
+       {f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    do("the select tag", mlflow.set_tag, "select", f"{select} -> epoch {summary['selected_epoch']}")
+    do("history.csv", mlflow.log_artifact, str(paths.history_file(name)))
+    do("the learning curves", mlflow.log_figure, plots.learning_curves({name: history}), "learning_curves.png")
+    return do("the model", log_model, model, example) if with_model else None

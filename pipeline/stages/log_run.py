@@ -15,7 +15,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from pipeline import data, models, paths, plots, tracking
+from pipeline import data, models, paths, tracking
 from pipeline.config import Config
 from pipeline.errors import ModelFileError
 from pipeline.stages.train import fingerprint
@@ -48,8 +48,7 @@ def run(config: Config, name: str) -> str:
         with tracking.stage_run(config, stage, run_name=name) as run:
             run_id = run.info.run_id
             mlflow.set_tags({"model": name, **tracking.data_tags(stats),
-                             tracking.RELOGGED_FROM_TAG: previous.get("run_id") or "none",
-                             "select": f"{train_cfg.select} -> epoch {summary['selected_epoch']}"})
+                             tracking.RELOGGED_FROM_TAG: previous.get("run_id") or "none"})
             tracking.log_params(tracking.training_params(config, name))
             tracking.log_datasets(splits, stats, source=str(paths.NORMALIZED))
             now = int(time.time() * 1000)
@@ -57,11 +56,8 @@ def run(config: Config, name: str) -> str:
                       for row in history.to_dict("records") for key, value in row.items()]
             for start in range(0, len(points), 1000):  # MLflow's limit per batch
                 client.log_batch(run_id, metrics=points[start:start + 1000])
-            mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-            mlflow.log_artifact(str(paths.history_file(name)))
-            mlflow.log_figure(plots.learning_curves({name: history}), "learning_curves.png")
-            model_uri = (tracking.log_model(model, splits["val"].images[:4].astype("float32"))
-                         if config.train.log_model else None)
+            model_uri = tracking.log_outcome(name, train_cfg.select, summary, history, model,
+                                             splits["val"].images[:4].astype("float32"), config.train.log_model)
     except Exception as exc:  # the server went away again: nothing local changed, so simply rerun
         raise tracking.TrackingError(
             f"log-run {name} failed against {tracking.shown_uri()}: {tracking.failure_reason(exc)}. "

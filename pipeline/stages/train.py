@@ -8,7 +8,7 @@ import json
 import mlflow
 import pandas as pd
 
-from pipeline import data, distributed, models, paths, plots, tracking
+from pipeline import data, distributed, models, paths, tracking
 from pipeline.config import Config
 from pipeline.train import fit, load_checkpoint
 
@@ -74,14 +74,8 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
         paths.history_file(name).parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(paths.history_file(name), index=False)
 
-        log.do("the final metrics", mlflow.log_metrics,
-               {f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        log.do("the select tag", mlflow.set_tag, "select", f"{train_cfg.select} -> epoch {result.selected_epoch}")
-        log.do("history.csv", mlflow.log_artifact, str(paths.history_file(name)))
-        log.do("the learning curves", mlflow.log_figure, plots.learning_curves({name: history}), "learning_curves.png")
-        model_uri = None
-        if config.train.log_model:
-            model_uri = log.do("the model", tracking.log_model, result.model, val.images[:4].astype("float32"))
+        model_uri = tracking.log_outcome(name, train_cfg.select, summary, history, result.model,
+                                         val.images[:4].astype("float32"), config.train.log_model, do=log.do)
     # After the run's end, so that `complete` covers every record, the end included.
     paths.model_tracking_file(name).write_text(json.dumps(
         {"run_id": run.info.run_id, "model_uri": model_uri, "experiment": config.train.experiment, **log.status()},
