@@ -393,6 +393,15 @@ def test_train_stage_writes_model_metrics_and_history(project, name):
     assert tracked["run_id"] and tracked["model_uri"] is None  # log_model is off in the tiny params
 
 
+def test_fingerprint_follows_what_changes_the_trained_model(project):
+    cfg = config.load()
+    key = train_stage.fingerprint(cfg, "resnet")
+    for changed in ("train.precision=bf16", "train.precision=fp32", "train.resnet.seed=1", "data.seed=1"):
+        assert train_stage.fingerprint(config.load(overrides=[changed]), "resnet") != key, changed
+    for unrelated in ("train.experiment=other", "train.baseline.epochs=1", "train.log_model=true"):
+        assert train_stage.fingerprint(config.load(overrides=[unrelated]), "resnet") == key, unrelated
+
+
 class Interrupted(Exception):
     pass
 

@@ -16,7 +16,7 @@ from pipeline.train import fit, load_checkpoint
 def fingerprint(config: Config, name: str) -> str:
     """What a trained model depends on: the data and its own section of params."""
     return config.fingerprint("data", f"train.{name}", "train.eval_train_size", "train.deterministic",
-                              "train.nproc")
+                              "train.nproc", "train.precision")
 
 
 def run(config: Config, name: str, parent_run_id: str | None = None, progress: bool = True) -> dict:
