@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU acceptance run (one `device` call): build the full archive from the carried offline copy,
-# run scripts/acceptance.py (pipeline, the problem's recipe, 3 seeds, bench, candidates), which puts the
-# results table, metrics, report and MLflow database under $OUT.
+# run scripts/acceptance.py (pipeline, the problem's recipe, bench, candidates, three seeds of the
+# best configuration), which puts the results table, metrics, report and MLflow database under $OUT.
 #
 # Before the call, here:  bash scripts/prepare_device_carry.sh   (fills .carry/ and .whl/)
 # The call:  run(command="bash scripts/device_run.sh", carry=[".carry", ".whl"], timeout_s=540)
