@@ -119,6 +119,15 @@ def test_overlay_file_is_merged_over_the_params_and_under_the_overrides():
     assert cfg.train.baseline == config.load(PARAMS).train.baseline
 
 
+@pytest.mark.parametrize("overlay", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda path: path.name)
+def test_every_named_configuration_loads_and_changes_only_the_resnet(overlay):
+    # The device run trains each of these: a typo must fail here, not in a GPU call.
+    default = config.load(PARAMS)
+    cfg = config.load(PARAMS, overlays=[overlay])
+    assert cfg.train.resnet != default.train.resnet
+    assert cfg.model_copy(update={"train": cfg.train.model_copy(update={"resnet": default.train.resnet})}) == default
+
+
 def test_unknown_optimizer_lists_allowed_values():
     message = refused("train.resnet.optimizer.name=rmsprop")
     assert "train.resnet.optimizer.name" in message and "rmsprop" in message
