@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = shortcut_overrides(args) + args.set_list.split() + args.overrides
         config = config_module.load(args.params, overrides, args.overlay)
         progress = not args.no_progress
+        if not progress:
+            # Read by tqdm when it is imported (below): also silences torchvision's download bar.
+            os.environ["TQDM_DISABLE"] = "1"
         # Imported here so that --help and config errors answer without loading torch and mlflow.
         from pipeline import distributed, tracking
         from pipeline.stages import download, evaluate, log_run, normalize, train

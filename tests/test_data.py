@@ -219,6 +219,15 @@ def test_cli_failed_download_exits_nonzero_with_message_and_no_outputs(tmp_path,
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir()), "no partial outputs"
 
 
+@pytest.mark.parametrize("flags, bar_expected", [([], True), (["--no-progress"], False)])
+def test_cli_download_shows_its_progress_bar_unless_no_progress(tmp_path, archive_url, tiny_archive, flags,
+                                                                 bar_expected):
+    write_params(tmp_path, tiny_params(archive_url, tiny_archive[1]))
+    result = run_cli("download", *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("100%|" in result.stderr) == bar_expected, result.stderr  # tqdm writes its bar to stderr
+
+
 # --- normalize ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
