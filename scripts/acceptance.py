@@ -37,7 +37,7 @@ from pipeline.stages import download, evaluate, normalize, train
 RECIPE = Path("configs/problem_recipe.yaml")
 DEFAULT, RECIPE_LABEL = "resnet (default params)", "problem recipe"  # rows of the results table
 FIGURES = ["train_running_acc", "train_acc", "val_acc", "test_acc", "gap", "train_time_s"]
-H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H100 SXM datasheet figure, dense (no sparsity)
+HOPPER_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's datasheets, dense (no sparsity): H100 SXM and H200 alike
 SAFETY = 1.25  # a run is started only if this many times the longest similar run still fits the budget
 
 
@@ -173,7 +173,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no run that would not end within this many seconds of the start")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument("--peak-tflops", type=float, default=HOPPER_BF16_DENSE_TFLOPS,
+                        help="the GPU's bf16 peak, for the fraction in the bench table (default: H100 SXM / H200)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     base = [f"data.url={args.archive}", f"data.md5={args.md5}", *args.overrides]
