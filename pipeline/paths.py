@@ -9,6 +9,7 @@ METRICS = Path("metrics")
 PLOTS = Path("plots")
 CHECKPOINTS = Path("checkpoints")
 REPORTS = Path("reports")
+PARAMS_CHECK = Path("data/params.ok")  # written by the check stage
 
 MODEL_NAMES = ("baseline", "resnet")
 

@@ -401,3 +401,129 @@ def test_download_and_normalize_stages_write_their_outputs(project, tiny_archive
     stats = data.load_stats(paths.NORMALIZED)
     assert stats["counts"]["val"] == cfg.data.val_size and stats["archive_md5"] == cfg.data.md5
     assert sorted(p.name for p in Path("data").iterdir()) == ["normalized", "raw"], "no staging folder left"
+
+
+# --- untrusted archives: nothing runs, nothing lands outside, bad content is named at once ------
+
+class _RunsCode:
+    """A pickle that, if unpickled without restrictions, creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _member(tar: tarfile.TarFile, name: str, payload: bytes = b"", kind: bytes = tarfile.REGTYPE,
+            target: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size, info.mtime = kind, target, len(payload), 0
+    tar.addfile(info, io.BytesIO(payload) if kind == tarfile.REGTYPE else None)
+
+
+def _official_batches(tiny_archive) -> dict[str, bytes]:
+    with tarfile.open(tiny_archive[0]) as tar:
+        return {m.name.split("/")[-1]: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def _archive(folder: Path, members: list[tuple], batches: dict[str, bytes]) -> tuple[str, str]:
+    """An archive with the tiny archive's batches (some replaced) and extra members; (file URL, md5)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ARCHIVE_NAME
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in batches.items():
+            _member(tar, f"{BATCH_DIR}/{name}", payload)
+        for member in members:
+            _member(tar, *member)
+    return path.as_uri(), md5_of(path)
+
+
+def _batch(data, labels) -> bytes:
+    return pickle.dumps({"data": data, "labels": labels}, protocol=2)
+
+
+def test_a_batch_that_runs_code_when_unpickled_is_refused_and_runs_nothing(tmp_path, tiny_archive):
+    marker = tmp_path / "marker"
+    batches = {**_official_batches(tiny_archive), "data_batch_1": pickle.dumps(_RunsCode(marker), protocol=2)}
+    url, md5 = _archive(tmp_path / "mirror", [], batches)
+    with pytest.raises(DataError, match="data_batch_1.*refused to load posix.system|data_batch_1.*refused"):
+        data.download(url, md5, tmp_path / "data" / "raw")
+    assert not marker.exists(), "unpickling ran the archive's code"
+    assert_nothing_kept(tmp_path / "data")
+    # Already extracted by someone else: normalize refuses it too, and runs nothing.
+    raw = tmp_path / "raw" / BATCH_DIR
+    raw.mkdir(parents=True)
+    for name, payload in batches.items():
+        (raw / name).write_bytes(payload)
+    with pytest.raises(DataError, match="data_batch_1"):
+        data.read_batches(raw)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("members", [
+    [("../../outside/x", b"escaped")],
+    [("{outside}/x", b"escaped")],  # an absolute path
+    [(f"{BATCH_DIR}/link", b"", tarfile.SYMTYPE, "{outside}"), (f"{BATCH_DIR}/link/x", b"escaped")],
+    [(f"{BATCH_DIR}/hard", b"", tarfile.LNKTYPE, "{outside}/x")],
+    [("../../pipeline/stages/normalize.py", b"print('replaced')")],
+], ids=["dotdot", "absolute", "symlink", "hardlink", "source-file"])
+def test_archive_members_that_would_write_outside_are_refused(tmp_path, tiny_archive, members):
+    outside = tmp_path / "outside"
+    members = [tuple(str(v).format(outside=outside) if isinstance(v, str) else v for v in m) for m in members]
+    url, md5 = _archive(tmp_path / "mirror", members, _official_batches(tiny_archive))
+    project = tmp_path / "project"
+    with pytest.raises(DataError, match="not CIFAR-10's python version: it holds"):
+        data.download(url, md5, project / "data" / "raw")
+    assert not outside.exists(), "a member was written outside the staging folder"
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["mirror/" + ARCHIVE_NAME]
+    assert_nothing_kept(project / "data")
+
+
+BAD_CONTENT = {
+    "label_10": ("data_batch_2", lambda x, y: _batch(x, [10] + y[1:]), "label 10 is not a CIFAR-10 class"),
+    "label_minus_1": ("data_batch_3", lambda x, y: _batch(x, [-1] + y[1:]), "label -1 is not a CIFAR-10 class"),
+    "test_label_only": ("test_batch", lambda x, y: _batch(x, y[:-1] + [12]), "label 12"),
+    "small_images": ("data_batch_1", lambda x, y: _batch(x[:, :768].copy(), y), "N x 3072"),
+    "label_count": ("data_batch_1", lambda x, y: _batch(x, y[:-3]), "labels for 40 images"),
+    "data_not_array": ("data_batch_4", lambda x, y: _batch(x.tolist(), y), "'data' must be a uint8 array"),
+    "not_a_pickle": ("data_batch_5", lambda x, y: b"\x00garbage" * 10, "does not unpickle"),
+    "no_labels": ("data_batch_5", lambda x, y: pickle.dumps({"data": x}, protocol=2), "has no 'labels'"),
+    "nine_classes": ("batches.meta", lambda x, y: pickle.dumps({"label_names": CLASSES[:9]}, protocol=2),
+                     "the 10 class names"),
+    "unequal_batches": ("data_batch_1", lambda x, y: _batch(x[:-2].copy(), y[:-2]), "of equal size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONTENT))
+def test_bad_content_fails_the_download_naming_the_file_and_keeps_nothing(tmp_path, tiny_archive, case):
+    name, make, phrase = BAD_CONTENT[case]
+    batches = _official_batches(tiny_archive)
+    good = pickle.loads(batches[name]) if name != "batches.meta" else {}
+    payload = make(good.get("data"), list(good.get("labels", [])))
+    url, md5 = _archive(tmp_path / "mirror", [], {**batches, name: payload})
+    with pytest.raises(DataError, match=phrase) as info:
+        data.download(url, md5, tmp_path / "data" / "raw")
+    assert name in str(info.value)
+    assert_nothing_kept(tmp_path / "data")
+
+
+def test_cli_bad_content_exits_2_with_the_message(tmp_path, tiny_archive):
+    batches = _official_batches(tiny_archive)
+    good = pickle.loads(batches["data_batch_2"])
+    url, md5 = _archive(tmp_path / "mirror", [], {**batches, "data_batch_2": _batch(good["data"], [10] * 40)})
+    write_params(tmp_path, tiny_params(url, md5))
+    done = run_cli("download", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "data_batch_2: label 10 is not a CIFAR-10 class" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next(tmp_path, tiny_archive):
+    stale = tmp_path / "data" / ".raw-staging-killed"
+    (stale / BATCH_DIR).mkdir(parents=True)
+    (stale / BATCH_DIR / "data_batch_1").write_bytes(b"half")
+    data.download(str(tiny_archive[0]), tiny_archive[1], tmp_path / "data" / "raw")
+    assert leftovers(tmp_path / "data") == []
+    assert (tmp_path / "data" / "raw" / BATCH_DIR / "data_batch_1").is_file()

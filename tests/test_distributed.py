@@ -82,10 +82,3 @@ def test_only_rank_zero_records_one_mlflow_run_and_the_outputs(prepared, tmp_pat
     assert runs[0].data.params["train.nproc"] == "2"
     for path in ("models/resnet/model.pt", "metrics/resnet.json", "plots/resnet/history.csv"):
         assert (directory / path).exists(), path
-
-
-def test_a_batch_that_does_not_divide_among_processes_is_a_clear_error(prepared, tmp_path):
-    done, directory = train(prepared, tmp_path, "odd", "baseline", "train.nproc=2", "train.baseline.batch_size=31")
-    assert done.returncode != 0
-    assert "batch_size 31 must divide evenly among the 2 processes" in done.stdout + done.stderr
-    assert not (directory / "models/baseline/model.pt").exists()
