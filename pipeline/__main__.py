@@ -10,18 +10,22 @@ import argparse
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from pipeline import config as config_module
 from pipeline.errors import PipelineError
-from pipeline.paths import MODEL_NAMES
+from pipeline.paths import CHECKPOINTS, MODEL_NAMES
 
 STAGES = {
+    "check": "validate params.yaml and check that this machine can run it (DVC runs it before every stage)",
     "download": "fetch and verify the CIFAR-10 archive (data.url, data.md5) into data/raw/",
     "normalize": "split train/validation, standardize with train statistics, write data/normalized/",
     "train": "train one model (baseline or resnet) and record it in MLflow",
     "evaluate": "compare both models on train/validation/test, write the report, register the ResNet",
     "log-run": "record a finished training stage's outputs as a new MLflow run (after a lost tracking server)",
     "all": "run every stage in order, all in one MLflow parent run",
+    "seeds": "train the ResNet of params.yaml with each of --seeds; write their mean and std to metrics/seeds.json",
 }
 
 MODEL_STAGES = ("train", "log-run")  # the stages that take a model name
@@ -56,6 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
                         help="a named configuration merged over the params, e.g. configs/problem_recipe.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="N",
+                        help="for seeds: the seeds to train (default: 0 1 2); the params' own seed comes from "
+                        "the pipeline's run when its outputs match")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     parser.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)  # set by `all` for torchrun children
     for name in SHORTCUTS:
@@ -86,12 +93,47 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+@contextmanager
+def training_lock(name: str) -> Iterator[None]:
+    """One training of a model at a time in a project (as DVC locks its repository): a second refuses.
+
+    The lock is the kernel's (flock), so a killed training leaves nothing to clean up.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = CHECKPOINTS / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(f"another training of the {name} model is running in this project (it holds "
+                                f"{path}): wait for it to end, or stop it; its checkpoint lets it resume") from None
+        yield
+
+
 def torchrun(nproc: int, argv: list[str]) -> int:
     """Run `python -m pipeline ARGV` in nproc processes under torchrun (single machine) and wait for them."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "pipeline", *argv]
     print(f"train.nproc={nproc}: {' '.join(command)}", flush=True)
     return subprocess.run(command).returncode
+
+
+def train_in_all(config, model: str, args: argparse.Namespace, overrides: list[str], parent: str,
+                 progress: bool) -> bool:
+    """One model's training inside `all`: in this process, or under torchrun with train.nproc > 1."""
+    from pipeline.stages import train
+
+    if config.train.nproc == 1:
+        train.run(config, model, parent_run_id=parent, progress=progress)
+        return True
+    child = ["train", model, "--params", args.params, "--parent-run", parent, "--no-progress",
+             *[f"--overlay={o}" for o in args.overlay], *[f"--set={o}" for o in overrides]]
+    return torchrun(config.train.nproc, child) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,37 +148,45 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["TQDM_DISABLE"] = "1"
         # Imported here so that --help and config errors answer without loading torch and mlflow.
         from pipeline import distributed, tracking
-        from pipeline.stages import download, evaluate, log_run, normalize, train
+        from pipeline.stages import check, download, evaluate, log_run, normalize, seeds, train
 
-        if args.stage == "download":
+        if args.stage == "check":
+            check.run(config)
+        elif args.stage == "download":
             download.run(config)
         elif args.stage == "normalize":
             normalize.run(config)
         elif args.stage == "train":
-            if config.train.nproc > 1 and not distributed.under_launcher():
-                tracking.require_tracking(f"train_{args.model}")  # before any process starts training
-                return torchrun(config.train.nproc, argv)
-            train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
+            check.preflight(config)
+            if distributed.under_launcher():  # a rank of torchrun: the process that launched it holds the lock
+                train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
+                return 0
+            with training_lock(args.model):
+                if config.train.nproc > 1:
+                    tracking.require_tracking(f"train_{args.model}")  # before any process starts training
+                    return torchrun(config.train.nproc, argv)
+                train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
         elif args.stage == "evaluate":
             evaluate.run(config)
         elif args.stage == "log-run":
             print(log_run.run(config, args.model))
+        elif args.stage == "seeds":
+            check.preflight(config)
+            seeds.run(config, args.seeds, progress=progress)
         else:
-            tracking.require_tracking("all")  # before the parent run and the data stages
+            check.preflight(config)
+            tracking.require_tracking("all")  # before the data stages
+            download.run(config)
+            normalize.run(config)
+            # The parent run opens once the data is in place: bad data leaves no empty run behind.
             # Under `mlflow run`, its run is the parent of the stage runs.
             parent = os.environ.pop("MLFLOW_RUN_ID", None)
             if parent is None:
                 parent = tracking.parent_run(config)
-            download.run(config)
-            normalize.run(config)
             for model in MODEL_NAMES:
-                if config.train.nproc > 1:
-                    child = ["train", model, "--params", args.params, "--parent-run", parent, "--no-progress",
-                             *[f"--overlay={o}" for o in args.overlay], *[f"--set={o}" for o in overrides]]
-                    if torchrun(config.train.nproc, child) != 0:
+                with training_lock(model):
+                    if not train_in_all(config, model, args, overrides, parent, progress):
                         return 1
-                else:
-                    train.run(config, model, parent_run_id=parent, progress=progress)
             evaluate.run(config, parent_run_id=parent)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

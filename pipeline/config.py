@@ -59,10 +59,23 @@ class BaselineModelConfig(Strict):
 class ResNetModelConfig(Strict):
     arch: Literal["resnet"] = "resnet"
     width: Annotated[int, Field(strict=True, ge=1)] = 64
-    # One entry per stage: how many residual blocks it holds. Stage i has width * 2**i channels.
-    blocks: Annotated[list[Annotated[int, Field(strict=True, ge=1)]], Field(min_length=1, max_length=5)] = [2, 2]
+    # One entry per stage: how many residual blocks it holds. Stage i has width * 2**i channels
+    # (downsample "stride") or width * 2**(i+1) (downsample "pool"); see models.ResNet.
+    blocks: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1, max_length=5)] = [2, 2]
+    downsample: Literal["stride", "pool"] = "stride"
+    pooling: Literal["avg", "max"] = "avg"  # the global pooling before the classifier
     dropout: Probability = 0.0
     stochastic_depth: Probability = 0.0
+    head_dropout: Probability = 0.0  # before the classifier
+
+    @model_validator(mode="after")
+    def _strided_stages_need_a_block(self) -> "ResNetModelConfig":
+        if self.downsample == "stride" and 0 in self.blocks:
+            raise ValueError(f"blocks {self.blocks}: with downsample 'stride' every stage needs at least one "
+                             "block (its first block changes the resolution); use downsample 'pool' for empty stages")
+        if sum(self.blocks) == 0:
+            raise ValueError("blocks: the ResNet needs at least one residual block")
+        return self
 
 
 class OptimizerConfig(Strict):
@@ -71,6 +84,9 @@ class OptimizerConfig(Strict):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     nesterov: bool = False
+    # What weight decay applies to: "all" parameters, or only the conv and linear "weights" (not batch
+    # norm's scales and shifts nor biases, whose decay only fights batch norm's own rescaling).
+    weight_decay_scope: Literal["all", "weights"] = "all"
 
 
 class TrainConfig(Strict):
@@ -108,6 +124,17 @@ class TrainingConfig(Strict):
     compile: bool = False
     baseline: TrainConfig
     resnet: TrainConfig
+
+    @model_validator(mode="after")
+    def _batches_divide_among_processes(self) -> "TrainingConfig":
+        # Checked here, before torchrun starts any process: each takes an equal share of every batch.
+        for name in ("baseline", "resnet"):
+            batch = getattr(self, name).batch_size
+            if batch % self.nproc:
+                raise ValueError(f"train.{name}.batch_size {batch} does not divide among train.nproc={self.nproc} "
+                                 "processes: each process takes an equal share of every batch; choose a batch "
+                                 "size that is a multiple of nproc")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -216,8 +243,12 @@ def merge(base: dict, overlay: dict) -> dict:
 def _read_yaml(path: Path, what: str) -> dict:
     if not path.exists():
         raise ConfigError(f"{path} not found: {what}")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file: {what}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -235,6 +266,8 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None,
     for overlay in overlays or []:
         raw = merge(raw, _read_yaml(Path(overlay), "check the --overlay path"))
         source += f" + {overlay}"
+    if overrides:
+        source += " with -S " + " ".join(overrides)
     return from_dict(apply_overrides(raw, overrides or []), source=source)
 
 

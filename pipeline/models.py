@@ -95,12 +95,26 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    """A 3x3 stem, stages of BasicBlocks, global pooling, (dropout,) one linear classifier.
+
+    `downsample` chooses how a stage changes the resolution:
+    - "stride" (He et al., 2016, CIFAR form): stage i has width * 2**i channels; the first block of
+      every stage but the first has stride 2 and a projection shortcut.
+    - "pool" (the ResNet-9 of the DAWNBench CIFAR-10 entries): every stage opens with a 3x3 conv to
+      width * 2**(i+1) channels, batch norm, ReLU and 2x2 max-pooling, then its blocks, all with
+      identity shortcuts. Most of the compute then runs at low resolution, which makes it fast; a
+      stage may hold no block at all.
+    """
+
     def __init__(
         self,
         width: int,
         blocks: list[int],
         dropout: float = 0.0,
         stochastic_depth: float = 0.0,
+        downsample: str = "stride",
+        pooling: str = "avg",
+        head_dropout: float = 0.0,
         num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
@@ -109,17 +123,23 @@ class ResNet(nn.Module):
         stages: list[nn.Module] = []
         in_channels, index = width, 0
         for stage, count in enumerate(blocks):
-            out_channels = width * 2 ** stage
             layers: list[nn.Module] = []
+            if downsample == "pool":
+                out_channels, stride = width * 2 ** (stage + 1), 1
+                layers += [conv3x3(in_channels, out_channels), nn.BatchNorm2d(out_channels),
+                           nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                in_channels = out_channels
+            else:
+                out_channels, stride = width * 2 ** stage, 2 if stage > 0 else 1
             for i in range(count):
-                stride = 2 if stage > 0 and i == 0 else 1
                 # Deeper blocks are dropped more often: linear rule of the stochastic depth paper.
                 drop_path = stochastic_depth * index / max(total - 1, 1)
-                layers.append(BasicBlock(in_channels, out_channels, stride, drop_path, dropout))
+                layers.append(BasicBlock(in_channels, out_channels, stride if i == 0 else 1, drop_path, dropout))
                 in_channels, index = out_channels, index + 1
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveMaxPool2d(1) if pooling == "max" else nn.AdaptiveAvgPool2d(1)
+        self.head_dropout = nn.Dropout(head_dropout) if head_dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_channels, num_classes)
 
         for m in self.modules():
@@ -131,13 +151,14 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stages(self.stem(x))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        x = torch.flatten(self.pool(self.stages(self.stem(x))), 1)
+        return self.fc(self.head_dropout(x))
 
 
 def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
     if isinstance(config, ResNetModelConfig):
-        return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth)
+        return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth,
+                      config.downsample, config.pooling, config.head_dropout)
     return BaselineCNN(config.widths, config.hidden)
 
 

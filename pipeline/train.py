@@ -31,7 +31,7 @@ from pipeline.data import Split
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
 
-CHECKPOINT_VERSION = 3  # 3: the EMA's own state format
+CHECKPOINT_VERSION = 4  # 4: loaded with weights_only (plain data only)
 
 
 def select_device(name: str, index: int = 0) -> torch.device:
@@ -115,6 +115,16 @@ def predict(model: nn.Module, images: Tensor, batch_size: int, bf16: bool = Fals
 def score(logits: Tensor, labels: Tensor) -> tuple[float, float]:
     """(cross-entropy loss, accuracy) without label smoothing, so both models are comparable."""
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One group, or two when weight decay applies to weights only: tensors of one dimension (biases,
+    batch norm's scales and shifts) get none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer.weight_decay_scope == "all":
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -252,7 +262,7 @@ def fit(
     x_eval, y_eval = x_train[pick], y_train[pick]
 
     steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
-    optimizer = make_optimizer(cfg, model.parameters())
+    optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
     schedule = make_schedule(cfg, optimizer, cfg.epochs * steps_per_epoch)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -377,9 +387,15 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt checkpoint is not worth failing for: retrain
-        print(f"ignoring unreadable checkpoint {path} ({exc}); training from scratch")
+        # weights_only: a checkpoint holds tensors, numbers, strings, lists and dicts only, and loading
+        # one must never run code from the file, whoever wrote it.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, or holding more than plain data: not worth failing for, retrain
+        print(f"ignoring checkpoint {path}: it does not load as plain tensors and values "
+              f"({str(exc).splitlines()[0][:200]}); training from scratch")
+        return None
+    if not isinstance(state, dict):
+        print(f"ignoring checkpoint {path}: not a checkpoint of this pipeline; training from scratch")
         return None
     if state.get("version") != CHECKPOINT_VERSION:
         print(f"checkpoint {path} is from another version of this code; training from scratch")

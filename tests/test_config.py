@@ -43,7 +43,7 @@ def test_repo_params_load_with_sane_defaults():
         assert 1 <= model.epochs <= MAX_EPOCHS
         assert model.batch_size >= 1 and model.optimizer.lr > 0
         assert model.optimizer.name in {"sgd", "adam", "adamw"}
-    assert all(b >= 1 for b in cfg.train.resnet.model.blocks)
+    assert all(b >= 0 for b in cfg.train.resnet.model.blocks) and sum(cfg.train.resnet.model.blocks) >= 1
     assert 0 <= cfg.train.resnet.model.dropout < 1
     assert cfg.evaluate.targets.max_epochs <= MAX_EPOCHS
     # Config is frozen: a stage cannot change the params it was given.
@@ -67,7 +67,7 @@ def test_loaded_params_match_the_yaml_file():
     ("train.resnet.optimizer.nesterov=[1]", "train.resnet.optimizer.nesterov"),  # wrong type
     ("data.val_size=-1", "data.val_size"),  # out of range
     ("train.resnet.model.dropout=1.5", "train.resnet.model.dropout"),  # out of range
-    ("train.resnet.model.blocks=[0,2]", "train.resnet.model.blocks.0"),  # out of range, inside a list
+    ("train.resnet.model.blocks=[-1,2]", "train.resnet.model.blocks.0"),  # out of range, inside a list
     ("train.baseline.model.hidden=0", "train.baseline.model.hidden"),  # out of range
 ])
 def test_bad_value_raises_config_error_naming_the_key(override, key):
@@ -151,7 +151,7 @@ def test_overrides_parse_yaml_values():
     assert cfg.train.resnet.ema_decay == 0.99 and cfg.train.resnet.schedule == "cosine"
     assert cfg.data.seed == 7
     # Untouched keys keep the file's values.
-    assert cfg.train.resnet.optimizer.name == "sgd" and cfg.train.resnet.model.width == 64
+    assert cfg.train.resnet.optimizer.name == "sgd" and cfg.train.resnet.model.width == 16
 
 
 def test_parse_override_returns_key_path_and_typed_value():
@@ -250,3 +250,32 @@ def test_cli_help_lists_the_stages(tmp_path):
     for stage in ("download", "normalize", "train", "evaluate", "all"):
         assert f"  {stage} " in result.stdout, stage
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_that_does_not_divide_among_processes_is_refused_by_the_config():
+    message = refused("train.nproc=2", "train.baseline.batch_size=31")
+    assert "train.baseline.batch_size 31 does not divide among train.nproc=2 processes" in message
+    assert load_with("train.nproc=2", "train.baseline.batch_size=32").train.nproc == 2
+
+
+def test_the_error_names_the_overrides_it_came_from():
+    assert "with -S train.resnet.epochs=31" in refused("train.resnet.epochs=31")
+
+
+@pytest.mark.parametrize("content, phrase", [(b"data:\n  seed: \xff\xfe\n", "is not UTF-8 text"), (None, "is not a file")])
+def test_unreadable_params_file_is_a_clear_error(tmp_path, content, phrase):
+    path = tmp_path / "params.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=phrase):
+        config.load(path)
+
+
+def test_cli_torchrun_is_not_started_for_a_batch_that_does_not_divide(tmp_path):
+    write_params(tmp_path, tiny_params(URL, MD5))
+    result = run_cli("train", "baseline", "-S", "train.nproc=2", "-S", "train.baseline.batch_size=31", cwd=tmp_path)
+    assert result.returncode == 2 and "does not divide among train.nproc=2" in result.stderr
+    assert "torch.distributed.run" not in result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

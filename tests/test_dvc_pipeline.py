@@ -22,9 +22,9 @@ BIN = Path(sys.executable).parent
 STAGES = ["download", "normalize", "train_baseline", "train_resnet", "evaluate"]
 
 
-def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def sh(repo: Path, *args: str, check: bool = True, tracking: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": tracking or f"sqlite:///{repo / 'mlflow.db'}"}
     env.pop("MLFLOW_RUN_ID", None)
     done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     if check and done.returncode != 0:
@@ -100,6 +100,19 @@ def test_plots_and_metrics_render(repo):
     assert "confusion_resnet.csv" in html and "history.csv" in html
 
 
+def test_results_document_is_written_from_the_committed_outputs(repo):
+    sh(repo, sys.executable, "-m", "pipeline.results")
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    history = (repo / "plots/resnet/history.csv").read_text().splitlines()
+    results = (repo / "docs/results.md").read_text()
+    assert f"| validation accuracy | {evaluated['baseline']['val_acc']:.2%} | {evaluated['resnet']['val_acc']:.2%} |" \
+        in results
+    assert results.count("| 1 ") + results.count("| 2 ") >= len(history) - 1, "one row per ResNet epoch"
+    assert "an archive that is neither the official one nor the project's offline copy" in results  # the tiny one
+    assert (repo / "docs/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    shutil.rmtree(repo / "docs")
+
+
 def test_a_resnet_param_reruns_only_the_resnet_and_evaluate(repo):
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "first repro")
@@ -130,3 +143,57 @@ def test_exp_run_refuses_an_invalid_value_with_the_key_named(repo):
     done = sh(repo, "dvc", "exp", "run", "-S", "train.resnet.epochs=31", check=False)
     assert done.returncode != 0
     assert "train.resnet.epochs" in done.stdout + done.stderr
+
+
+def test_a_bad_param_stops_repro_in_the_check_stage_and_deletes_nothing(repo):
+    sh(repo, "git", "checkout", "--", ".")
+    before = {p: (repo / p).read_bytes() for p in ("models/resnet/model.pt", "metrics/resnet.json",
+                                                   "models/baseline/model.pt", "data/normalized/stats.json")}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["resnet"]["model"]["dropout"] = 1.5
+    write_params(repo, params)
+    done = sh(repo, "dvc", "repro", check=False)
+    assert done.returncode != 0
+    assert "train.resnet.model.dropout" in done.stdout + done.stderr
+    assert ran_stages(done.stdout) == [], "no stage after the check ran"
+    assert {p: (repo / p).read_bytes() for p in before} == before
+    sh(repo, "git", "checkout", "--", "params.yaml")
+
+
+def test_outputs_a_failing_stage_deleted_come_back_with_the_documented_checkout(repo):
+    sh(repo, "git", "checkout", "--", ".")
+    sh(repo, "dvc", "checkout")
+    model = (repo / "models/resnet/model.pt").read_bytes()
+    metrics = (repo / "metrics/resnet.json").read_bytes()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["resnet"]["seed"] = 7
+    write_params(repo, params)
+    # A tracking server that is down: train_resnet fails after DVC has deleted its outputs.
+    done = sh(repo, "dvc", "repro", check=False, tracking="http://127.0.0.1:9")
+    assert done.returncode != 0 and "not reachable" in done.stdout + done.stderr
+    assert not (repo / "models/resnet/model.pt").exists()
+    sh(repo, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots")  # the README's recovery
+    sh(repo, "dvc", "checkout")
+    assert (repo / "models/resnet/model.pt").read_bytes() == model
+    assert (repo / "metrics/resnet.json").read_bytes() == metrics
+    assert "train_resnet" not in sh(repo, "dvc", "status").stdout
+
+
+def test_make_repro_works_from_a_shell_without_the_venv_on_path(repo):
+    # The README's first command, from a plain shell: DVC must run the stages with the venv's python.
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, repo / name)  # copy2 keeps pyproject older than the venv's install stamp
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / ".installed").exists():
+        pytest.skip("the tests do not run in a venv that `make install` made")
+    sh(repo, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["resnet"]["seed"] = 3
+    write_params(repo, params)
+    plain = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    plain.update(PATH="/usr/local/bin:/usr/bin:/bin", MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    done = subprocess.run(["make", "repro", f"VENV={venv}"], cwd=repo, env=plain, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Running stage 'train_resnet'" in done.stdout
+    assert json.loads((repo / "metrics/resnet.json").read_text())["epochs"] == 2

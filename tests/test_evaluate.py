@@ -61,7 +61,10 @@ def test_metrics_hold_before_after_figures_for_both_models(trained):
         for key in ("train_acc", "val_acc", "test_acc", "gap", "train_running_acc", "parameters"):
             assert key in figures, (name, key)
         assert figures["gap"] == pytest.approx(figures["train_acc"] - figures["val_acc"])
-        assert set(figures["per_class_test_acc"]) == set(data.load_stats(paths.NORMALIZED)["classes"])
+        assert not any(isinstance(v, (dict, list)) for v in figures.values()), "one figure per key"
+    per_class = pd.read_csv(paths.REPORTS / "per_class_test_acc.csv", index_col="class")
+    assert list(per_class.index) == data.load_stats(paths.NORMALIZED)["classes"]
+    assert list(per_class.columns) == ["baseline", "resnet"]
     assert set(metrics["targets"]) == {"val_acc", "train_acc", "epochs", "no_augmentation", "cifar10_only"}
 
 

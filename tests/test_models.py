@@ -57,6 +57,40 @@ def test_resnet_stages_double_the_width_and_halve_the_resolution():
     assert model.fc.in_features == 16
 
 
+def test_pooled_resnet_stages_open_with_conv_and_max_pool_then_keep_identity_shortcuts():
+    model = ResNet(4, [1, 0, 1], downsample="pool").eval()
+    x = model.stem(images(2))
+    shapes = []
+    for stage in model.stages:
+        x = stage(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(8, 16, 16), (16, 8, 8), (32, 4, 4)]  # every stage doubles the channels and pools
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 2 and all(b.downsample is None for b in blocks)  # the shortcuts are all identities
+    assert [sum(isinstance(m, nn.MaxPool2d) for m in stage) for stage in model.stages] == [1, 1, 1]
+    assert model(images(3)).shape == (3, models.NUM_CLASSES)
+
+
+def test_global_pooling_and_head_dropout_follow_the_arguments():
+    pooled = ResNet(4, [1], pooling="max", head_dropout=0.5)
+    assert isinstance(pooled.pool, nn.AdaptiveMaxPool2d)
+    assert isinstance(pooled.head_dropout, nn.Dropout) and pooled.head_dropout.p == 0.5
+    plain = ResNet(4, [1])
+    assert isinstance(plain.pool, nn.AdaptiveAvgPool2d) and isinstance(plain.head_dropout, nn.Identity)
+    # Eval mode drops nothing before the classifier: two passes agree.
+    pooled.eval()
+    x = images(4)
+    with torch.no_grad():
+        assert torch.equal(pooled(x), pooled(x))
+
+
+def test_build_model_passes_the_layout_through():
+    model = models.build_model(ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool", pooling="max",
+                                                 head_dropout=0.25))
+    assert model.fc.in_features == 32 and isinstance(model.pool, nn.AdaptiveMaxPool2d)
+    assert model.head_dropout.p == 0.25
+
+
 def test_parameter_count_grows_with_width():
     resnet = [models.count_parameters(ResNet(w, [1, 1])) for w in (2, 4, 8, 16)]
     baseline = [models.count_parameters(BaselineCNN([w, 2 * w], hidden=16)) for w in (2, 4, 8, 16)]

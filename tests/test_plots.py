@@ -21,3 +21,10 @@ def test_figures_render_and_are_not_retained(tmp_path):
         fig.savefig(tmp_path / name, dpi=50)
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(curves.axes) == 2 and len(curves.axes[0].lines) == 4 + 2  # train/val per model, two target lines
+
+
+def test_a_one_epoch_history_still_draws_its_points():
+    history = pd.DataFrame({"epoch": [1], "train_acc": [0.5], "val_acc": [0.4], "train_loss": [1.2], "val_loss": [1.4]})
+    curves = plots.learning_curves({"resnet": history})
+    for ax in curves.axes:
+        assert all(line.get_marker() not in (None, "None", "") for line in ax.lines), "a single point needs a marker"

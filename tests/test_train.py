@@ -27,8 +27,8 @@ from pipeline.config import TrainConfig, TrainingConfig
 from pipeline.data import Split, load_split
 from pipeline.stages import download, normalize
 from pipeline.stages import train as train_stage
-from pipeline.train import (EMA, batches, cpu_has_native_bf16, fit, load_checkpoint, make_optimizer, make_schedule,
-                            predict, score, train_step, uses_bf16)
+from pipeline.train import (CHECKPOINT_VERSION, EMA, batches, cpu_has_native_bf16, fit, load_checkpoint, make_optimizer, make_schedule,
+                            parameter_groups, predict, score, train_step, uses_bf16)
 from tests.conftest import ROOT, enter_project, tiny_params
 
 TIMING = ("epoch_time_s", "images_per_s")  # the only fields allowed to differ between identical runs
@@ -534,3 +534,44 @@ def test_killed_run_resumes_to_the_same_result_and_mlflow_run(tmp_path, monkeypa
 
     tracked = json.loads((killed / paths.model_tracking_file(name)).read_text())
     assert tracked["run_id"] == state["run_id"], "the resumed run continues the killed run's MLflow run"
+
+
+class _RunsCode:
+    """Unpickled without restrictions, it creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_ignored_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"version": CHECKPOINT_VERSION, "fingerprint": "f", "payload": _RunsCode(marker)}, path)
+    assert load_checkpoint(path, "f") is None
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    assert f"ignoring checkpoint {path}: it does not load as plain tensors and values" in capsys.readouterr().out
+
+
+def test_a_checkpoint_that_is_not_a_mapping_is_ignored(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    torch.save([1, 2, 3], path)
+    assert load_checkpoint(path, "f") is None
+    assert "not a checkpoint of this pipeline" in capsys.readouterr().out
+
+
+def test_weight_decay_scope_weights_leaves_norms_and_biases_undecayed():
+    model = models.build_model(config.ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool"))
+    cfg = TrainConfig.model_validate({"model": {"arch": "resnet", "width": 4, "blocks": [1, 0, 1],
+                                                "downsample": "pool"},
+                                      "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4,
+                                                    "weight_decay_scope": "weights"}})
+    optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
+    decayed, undecayed = optimizer.param_groups
+    assert decayed["weight_decay"] == 5e-4 and undecayed["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in undecayed["params"])
+    assert len(decayed["params"]) + len(undecayed["params"]) == len(list(model.parameters()))
+    everything = TrainConfig.model_validate({**cfg.model_dump(), "optimizer": {"name": "sgd", "weight_decay": 5e-4}})
+    assert len(parameter_groups(model, everything)) == 1

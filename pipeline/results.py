@@ -1,0 +1,253 @@
+"""python -m pipeline.results: docs/results.md and its learning curves, written from committed files only.
+
+Every figure in the document is read from what the pipeline wrote and git holds: metrics/*.json,
+plots/<model>/history.csv, metrics/seeds.json and dvc.lock (the params and the data the committed run
+used). Rerun it after `dvc repro` or `python -m pipeline seeds` and commit the result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pipeline import paths
+from pipeline.config import OFFICIAL_MD5
+
+OFFLINE_COPY_MD5 = "abf7c8b279e0a5a16f5b5094ff35b970"  # ../shared/cifar10/make_archive.py, all 60,000 images
+DOCS = Path("docs")
+RESULTS = DOCS / "results.md"
+CURVES = DOCS / "learning_curves.png"
+TRIED = DOCS / "tried.csv"
+README = Path("README.md")
+README_START, README_END = "<!-- results:start", "<!-- results:end -->"
+
+
+def pct(value: float) -> str:
+    return f"{value:.2%}"
+
+
+def data_source(md5: str) -> str:
+    if md5 == OFFICIAL_MD5:
+        return "the official CIFAR-10 archive"
+    if md5 == OFFLINE_COPY_MD5:
+        return ("the offline copy of CIFAR-10 (all 60,000 images re-encoded as JPEG at quality 75, so pixels "
+                "differ slightly from the official release; labels and split are CIFAR-10's)")
+    return "an archive that is neither the official one nor the project's offline copy"
+
+
+def before_after(evaluated: dict, trained: dict[str, dict]) -> list[str]:
+    rows = {
+        "running training accuracy (train mode, kept epoch)": lambda m, t: pct(m["train_running_acc"]),
+        "clean training accuracy (eval mode, all 45,000 images)": lambda m, t: pct(m["train_acc"]),
+        "validation accuracy": lambda m, t: pct(m["val_acc"]),
+        "test accuracy": lambda m, t: pct(m["test_acc"]),
+        "gap, clean training - validation": lambda m, t: f"{m['gap'] * 100:.2f} points",
+        "kept epoch / epochs": lambda m, t: f"{m['selected_epoch']} / {t['epochs']}",
+        "parameters": lambda m, t: f"{m['parameters']:,}",
+        "training time (with per-epoch evaluation)": lambda m, t: f"{m['train_time_s']:,.0f} s",
+        "seconds per epoch": lambda m, t: f"{m['train_time_s'] / t['epochs']:.1f} s",
+        "training images per second (median epoch)": lambda m, t: f"{t['images_per_s']:,.0f}",
+    }
+    lines = ["| figure | baseline CNN (before) | ResNet (after) |", "|---|---|---|"]
+    for label, show in rows.items():
+        lines.append(f"| {label} | {show(evaluated['baseline'], trained['baseline'])} | "
+                     f"{show(evaluated['resnet'], trained['resnet'])} |")
+    return lines
+
+
+def targets(evaluated: dict) -> list[str]:
+    names = {"val_acc": "validation accuracy > 85%", "train_acc": "running training accuracy < 92% at the kept epoch",
+             "epochs": "at most 30 epochs", "no_augmentation": "no data augmentation",
+             "cifar10_only": "CIFAR-10 only"}
+    return [f"- {'holds' if held else '**missed**'}: {names.get(key, key)}" for key, held in evaluated["targets"].items()]
+
+
+def epochs_table(history: pd.DataFrame, selected: int) -> list[str]:
+    lines = ["| epoch | running train acc | clean train acc (10,000-image subset) | val acc | val loss | lr | s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in history.itertuples():
+        mark = " (kept)" if row.epoch == selected else ""
+        lines.append(f"| {row.epoch}{mark} | {pct(row.train_acc)} | {pct(row.train_eval_acc)} | {pct(row.val_acc)} | "
+                     f"{row.val_loss:.3f} | {row.lr:.4f} | {row.epoch_time_s:.0f} |")
+    return lines
+
+
+def seeds_table(seeds: dict) -> list[str]:
+    lines = ["| seed | val acc | test acc | running train acc | clean train acc | kept epoch | training time |",
+             "|---|---|---|---|---|---|---|"]
+    for row in seeds["seeds"]:
+        lines.append(f"| {row['seed']} | {pct(row['val_acc'])} | {pct(row['test_acc'])} | "
+                     f"{pct(row['train_running_acc'])} | {pct(row['train_acc'])} | {row['selected_epoch']} | "
+                     f"{row['train_time_s']:,.0f} s |")
+    mean, std = seeds["mean"], seeds["std"]
+    lines.append(f"| mean ± std | {pct(mean['val_acc'])} ± {std['val_acc'] * 100:.2f} | "
+                 f"{pct(mean['test_acc'])} ± {std['test_acc'] * 100:.2f} | "
+                 f"{pct(mean['train_running_acc'])} ± {std['train_running_acc'] * 100:.2f} | "
+                 f"{pct(mean['train_acc'])} ± {std['train_acc'] * 100:.2f} | {mean['selected_epoch']:.1f} | "
+                 f"{mean['train_time_s']:,.0f} s |")
+    return lines
+
+
+def params_block(lock: dict) -> list[str]:
+    resnet = lock["stages"]["train_resnet"]["params"]["params.yaml"]["train.resnet"]
+    return ["```yaml", "train.resnet:", *["  " + line for line in yaml.safe_dump(resnet, sort_keys=False).splitlines()],
+            "```"]
+
+
+def readme_summary(evaluated: dict, trained: dict[str, dict], seeds: dict | None, data_md5: str) -> list[str]:
+    """The short table of the README: the committed run, and the seeds when they are there."""
+    b, r = evaluated["baseline"], evaluated["resnet"]
+    lines = [
+        "| seed 0, `dvc repro` | running train acc | clean train acc | val acc | test acc | epochs | training time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in (("baseline CNN (before)", b), ("ResNet (after)", r)):
+        key = "baseline" if m is b else "resnet"
+        lines.append(f"| {name} | {pct(m['train_running_acc'])} | {pct(m['train_acc'])} | {pct(m['val_acc'])} | "
+                     f"{pct(m['test_acc'])} | {m['selected_epoch']} of {trained[key]['epochs']} | "
+                     f"{m['train_time_s'] / 60:.1f} min |")
+    if seeds is not None:
+        mean, std = seeds["mean"], seeds["std"]
+        lines.append(f"| ResNet, seeds {', '.join(str(s['seed']) for s in seeds['seeds'])} (mean ± std) | "
+                     f"{pct(mean['train_running_acc'])} ± {std['train_running_acc'] * 100:.2f} | "
+                     f"{pct(mean['train_acc'])} ± {std['train_acc'] * 100:.2f} | "
+                     f"{pct(mean['val_acc'])} ± {std['val_acc'] * 100:.2f} | "
+                     f"{pct(mean['test_acc'])} ± {std['test_acc'] * 100:.2f} | {mean['selected_epoch']:.1f} | "
+                     f"{mean['train_time_s'] / 60:.1f} min |")
+    machine = evaluated.get("machine", {})
+    held = evaluated["all_targets_hold"]
+    lines += [
+        "",
+        f"Targets of the ResNet (seed 0): {'**every one holds**' if held else '**not every one holds**'}. "
+        f"Measured on {machine.get('cpu', 'an unrecorded machine')} (`{machine.get('device', '?')}`, "
+        f"{machine.get('threads', '?')} threads), data: {data_source(data_md5).split(' (')[0]}. "
+        "Running training accuracy is the training-mode figure averaged over the kept epoch; clean is eval mode.",
+    ]
+    return lines
+
+
+def update_readme(summary: list[str]) -> None:
+    text = README.read_text()
+    start, end = text.index(README_START), text.index(README_END)
+    head = text[:start] + text[start:].split("\n", 1)[0] + "\n"
+    README.write_text(head + "\n".join(summary) + "\n" + text[end:])
+
+
+def export_tried(path: Path = TRIED) -> Path:
+    """Every train_resnet run in the tracking store (finished or stopped), one row each, to a CSV that
+    git keeps: what was tried, and how it did under the 92% rule."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    tracking.use_project_store()
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    rows = []
+    for run in client.search_runs(experiments, filter_string="tags.`dvc.stage` = 'train_resnet'",
+                                  order_by=["attributes.start_time ASC"]):
+        history = pd.DataFrame({key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+                                for key in ("train_acc", "train_eval_acc", "val_acc", "epoch_time_s")})
+        if history.empty:
+            continue
+        under = history[history["train_acc"] < 0.92]
+        best = under.loc[under["val_acc"].idxmax()] if len(under) else None
+        p = run.data.params
+        rows.append({
+            "run": run.info.run_id[:8],
+            "model": f"width {p.get('resnet.model.width')} blocks {p.get('resnet.model.blocks')} "
+                     f"{p.get('resnet.model.downsample', 'stride')}",
+            "dropout": p.get("resnet.model.dropout"), "head_dropout": p.get("resnet.model.head_dropout", "0.0"),
+            "ema_decay": p.get("resnet.ema_decay"), "epochs_planned": p.get("resnet.epochs"),
+            "epochs_run": len(history),
+            "best_epoch_under_92": int(best.name) if best is not None else None,
+            "val_acc": best["val_acc"] if best is not None else None,
+            "train_running_acc": best["train_acc"] if best is not None else None,
+            "train_clean_subset_acc": best["train_eval_acc"] if best is not None else None,
+            "seconds": round(float(history["epoch_time_s"].sum())),
+        })
+    mlflow.set_tracking_uri(None)
+    DOCS.mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def tried_table(path: Path = TRIED) -> list[str]:
+    tried = pd.read_csv(path)
+    lines = ["| run | model | dropout / head | EMA | epochs run / planned | best epoch with running < 92% | "
+             "val acc | running / clean (subset) train acc | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in tried.itertuples():
+        figures = (f"{row.best_epoch_under_92:.0f} | {pct(row.val_acc)} | {pct(row.train_running_acc)} / "
+                   f"{pct(row.train_clean_subset_acc)}") if row.val_acc == row.val_acc else "none | | "
+        lines.append(f"| `{row.run}` | {row.model} | {row.dropout} / {row.head_dropout} | {row.ema_decay} | "
+                     f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,} |")
+    return lines
+
+
+def write() -> Path:
+    from pipeline import plots  # matplotlib only here
+
+    evaluated = json.loads((paths.METRICS / "evaluate.json").read_text())
+    trained = {name: json.loads(paths.metrics_file(name).read_text()) for name in paths.MODEL_NAMES}
+    histories = {name: pd.read_csv(paths.history_file(name)) for name in paths.MODEL_NAMES}
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    data_params = lock["stages"]["download"]["params"]["params.yaml"]
+    seeds_file = paths.METRICS / "seeds.json"
+    seeds = json.loads(seeds_file.read_text()) if seeds_file.exists() else None
+    machine = evaluated.get("machine", {})
+
+    DOCS.mkdir(exist_ok=True)
+    plots.learning_curves(histories, 0.85, 0.92).savefig(CURVES, dpi=100)
+    held = evaluated["all_targets_hold"]
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python -m pipeline.results` from the committed `dvc.lock`, `metrics/` and `plots/`: "
+        "`dvc metrics show` and `dvc plots show` show the same figures. Do not edit by hand.",
+        "",
+        f"- Data: {data_source(data_params['data.md5'])}; archive md5 `{data_params['data.md5']}`.",
+        f"- Machine: {machine.get('cpu', 'not recorded')}, device `{machine.get('device', '?')}`, "
+        f"{machine.get('threads', '?')} threads.",
+        "- One `dvc repro` with seed 0. Training accuracy is the running figure in training mode (dropout on, "
+        "averaged over the epoch); clean accuracy is eval mode. Test accuracy chose nothing.",
+        "",
+        "## Before and after",
+        "",
+        *before_after(evaluated, trained),
+        "",
+        f"Targets of the ResNet: {'every one holds' if held else 'not every one holds'}.",
+        "",
+        *targets(evaluated),
+        "",
+        f"![learning curves of both models, seed 0, {machine.get('device', '')}; data: "
+        f"{'offline JPEG copy' if data_params['data.md5'] == OFFLINE_COPY_MD5 else 'see above'}]"
+        f"({CURVES.name})",
+        "",
+        f"## The ResNet, epoch by epoch (the weight average is scored; rule `{trained['resnet']['select']}`)",
+        "",
+        *epochs_table(histories["resnet"], trained["resnet"]["selected_epoch"]),
+        "",
+    ]
+    if seeds is not None:
+        lines += ["## Seeds", "", "`python -m pipeline seeds` (`metrics/seeds.json`); the standard deviation is "
+                  "the sample one.", "", *seeds_table(seeds), ""]
+    if TRIED.exists():
+        lines += ["## What was tried", "", "Every `train_resnet` run of the full data on this machine, from the "
+                  "MLflow store (`python -m pipeline.results --tried` writes `docs/tried.csv`); a run stopped "
+                  "early shows the epochs it ran.", "", *tried_table(), ""]
+    lines += ["## The ResNet recipe of this run (from dvc.lock)", "", *params_block(lock), ""]
+    RESULTS.write_text("\n".join(lines))
+    if README.exists() and README_START in README.read_text():
+        update_readme(readme_summary(evaluated, trained, seeds, data_params["data.md5"]))
+    return RESULTS
+
+
+if __name__ == "__main__":
+    if "--tried" in sys.argv[1:]:
+        print(f"wrote {export_tried()}")
+    print(f"wrote {write()}")

@@ -1,0 +1,112 @@
+"""python -m pipeline seeds: the ResNet recipe of params.yaml trained with several seeds -> metrics/seeds.json.
+
+The seed that params.yaml names is the `dvc repro` run: its figures come from metrics/evaluate.json
+when models/resnet was trained with these params, so only the other seeds train here. Each of them is
+one MLflow run (tag `seed`) in the params' experiment, checkpoints every epoch to
+checkpoints/resnet-seed<N>.pt and resumes from there when rerun, and is scored as `evaluate` scores:
+every split in eval mode. Test accuracy is reported, never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import mlflow
+
+from pipeline import config as config_module
+from pipeline import data, evaluate, models, paths, tracking
+from pipeline.config import Config
+from pipeline.errors import ModelFileError
+from pipeline.stages.train import fingerprint
+from pipeline.train import fit, load_checkpoint, select_device, uses_bf16
+
+FIGURES = ("val_acc", "test_acc", "train_running_acc", "train_acc", "selected_epoch", "train_time_s")
+SEEDS_FILE = paths.METRICS / "seeds.json"
+
+
+def with_seed(config: Config, seed: int) -> Config:
+    return config_module.from_dict(config_module.apply_overrides(config.model_dump(mode="json"),
+                                                                 [f"train.resnet.seed={seed}"]))
+
+
+def from_pipeline_run(config: Config) -> dict | None:
+    """The figures of the `dvc repro` run for the params' own seed, or None if its outputs are not of these params."""
+    evaluated = paths.METRICS / "evaluate.json"
+    if not (paths.model_file("resnet").exists() and evaluated.exists()):
+        return None
+    try:
+        _, saved = models.load(paths.model_file("resnet"), config.train.resnet.model, "train_resnet")
+    except ModelFileError:  # trained with another model config
+        return None
+    if saved.get("fingerprint") != fingerprint(config, "resnet"):
+        return None
+    resnet = json.loads(evaluated.read_text())["resnet"]
+    return {"seed": config.train.resnet.seed, **{k: resnet[k] for k in FIGURES}}
+
+
+def train_seed(config: Config, progress: bool) -> dict:
+    """Train the ResNet of `config` (its seed set) outside DVC's outputs and score it on every split."""
+    seed, cfg = config.train.resnet.seed, config.train.resnet
+    splits = {name: data.load_split(paths.NORMALIZED, name) for name in data.SPLITS}
+    key = fingerprint(config, "resnet")
+    checkpoint = paths.CHECKPOINTS / f"resnet-seed{seed}.pt"
+    resume = load_checkpoint(checkpoint, key)
+    log = tracking.StageLog("resnet")
+    with tracking.stage_run(config, "seeds", run_name=f"resnet seed {seed}",
+                            resume_run_id=resume["run_id"] if resume else None, log=log) as run:
+        if resume is None:
+            mlflow.set_tags({"model": "resnet", "seed": str(seed)})
+            tracking.log_params(tracking.training_params(config, "resnet"))
+        result = fit(cfg, config.train, splits["train"], splits["val"], checkpoint, key, on_epoch=log.epoch,
+                     resume=resume, run_id=run.info.run_id, progress=progress)
+        scored = evaluate.evaluate_model(result.model, splits, result.device, config.train.eval_batch_size,
+                                         len(evaluate.CIFAR10_CLASSES), result.precision == "bf16")
+        chosen = next(r for r in result.history if r["epoch"] == result.selected_epoch)
+        row = {
+            "seed": seed,
+            "val_acc": scored["val_acc"],
+            "test_acc": scored["test_acc"],
+            "train_running_acc": chosen["train_acc"],
+            "train_acc": scored["train_acc"],
+            "selected_epoch": result.selected_epoch,
+            "train_time_s": sum(r["epoch_time_s"] for r in result.history),
+        }
+        log.do("the seed's figures", mlflow.log_metrics, {f"final_{k}": v for k, v in row.items() if k != "seed"})
+    return row
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Mean and sample standard deviation of each figure over the seeds."""
+    spread = (lambda values: statistics.stdev(values)) if len(rows) > 1 else (lambda values: 0.0)
+    return {
+        "seeds": rows,
+        "mean": {k: statistics.fmean(r[k] for r in rows) for k in FIGURES},
+        "std": {k: spread([r[k] for r in rows]) for k in FIGURES},
+    }
+
+
+def run(config: Config, seeds: list[int], progress: bool = True) -> dict:
+    tracking.require_tracking("seeds")
+    rows = []
+    for seed in seeds:
+        seeded = with_seed(config, seed)
+        row = from_pipeline_run(seeded) if seed == config.train.resnet.seed else None
+        if row is not None:
+            print(f"seed {seed}: from the pipeline's own run (metrics/evaluate.json)")
+        else:
+            print(f"seed {seed}: training the ResNet of params.yaml with train.resnet.seed={seed}", flush=True)
+            row = train_seed(seeded, progress)
+        rows.append(row)
+        print(f"seed {seed}: val acc {row['val_acc']:.4f}, test acc {row['test_acc']:.4f}, running train acc "
+              f"{row['train_running_acc']:.4f}, clean train acc {row['train_acc']:.4f}, epoch {row['selected_epoch']}",
+              flush=True)
+    summary = aggregate(rows)
+    SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = SEEDS_FILE.with_name(SEEDS_FILE.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(SEEDS_FILE)
+    mean, std = summary["mean"], summary["std"]
+    print(f"wrote {SEEDS_FILE}: val acc {mean['val_acc']:.4f} ± {std['val_acc']:.4f}, running train acc "
+          f"{mean['train_running_acc']:.4f} ± {std['train_running_acc']:.4f} over seeds {seeds}")
+    return summary

@@ -1,0 +1,71 @@
+"""pipeline/stages/seeds.py: extra seeds of the ResNet recipe, trained for real on tiny data, and their aggregate."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import config, paths
+from pipeline.stages import download, evaluate, normalize, seeds, train
+
+
+def test_aggregate_gives_mean_and_sample_std_of_every_figure():
+    rows = [{"seed": s, "val_acc": v, "test_acc": v - 0.01, "train_running_acc": 0.9, "train_acc": 0.95,
+             "selected_epoch": e, "train_time_s": 100.0 + s} for s, v, e in [(0, 0.86, 10), (1, 0.85, 12), (2, 0.87, 11)]]
+    summary = seeds.aggregate(rows)
+    assert summary["seeds"] == rows
+    assert summary["mean"]["val_acc"] == pytest.approx(0.86)
+    assert summary["std"]["val_acc"] == pytest.approx(statistics.stdev([0.86, 0.85, 0.87]))
+    assert summary["mean"]["selected_epoch"] == pytest.approx(11.0)
+    assert summary["std"]["train_running_acc"] == pytest.approx(0.0)
+    assert set(summary["mean"]) == set(summary["std"]) == set(seeds.FIGURES)
+
+
+def test_a_single_seed_has_zero_spread():
+    row = {"seed": 0, **{k: 1.0 for k in seeds.FIGURES}}
+    assert seeds.aggregate([row])["std"] == {k: 0.0 for k in seeds.FIGURES}
+
+
+def test_seeds_reuse_the_pipeline_run_and_train_the_others(project):
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    train.run(cfg, "baseline", progress=False)
+    train.run(cfg, "resnet", progress=False)
+    evaluated = evaluate.run(cfg)
+
+    summary = seeds.run(cfg, [0, 1], progress=False)
+
+    written = json.loads((paths.METRICS / "seeds.json").read_text())
+    assert written == summary
+    assert [row["seed"] for row in written["seeds"]] == [0, 1]
+    pipeline_row, trained_row = written["seeds"]
+    # Seed 0 is the pipeline's own run: its figures are evaluate's, and nothing was retrained for it.
+    for key in seeds.FIGURES:
+        assert pipeline_row[key] == evaluated["resnet"][key]
+    assert not (paths.CHECKPOINTS / "resnet-seed0.pt").exists()
+    # Seed 1 trained here, with its own checkpoint and MLflow run, scored on every split.
+    assert (paths.CHECKPOINTS / "resnet-seed1.pt").exists()
+    assert 0.0 <= trained_row["val_acc"] <= 1.0 and 0.0 <= trained_row["test_acc"] <= 1.0
+    assert 1 <= trained_row["selected_epoch"] <= cfg.train.resnet.epochs and trained_row["train_time_s"] > 0
+    runs = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()], filter_string="tags.seed = '1'")
+    assert len(runs) == 1
+    assert runs[0].data.params["resnet.seed"] == "1"
+    assert runs[0].data.metrics["final_val_acc"] == pytest.approx(trained_row["val_acc"])
+    assert written["mean"]["val_acc"] == pytest.approx((pipeline_row["val_acc"] + trained_row["val_acc"]) / 2)
+    # The DVC outputs of the pipeline's run are untouched.
+    assert json.loads((paths.METRICS / "evaluate.json").read_text())["resnet"]["val_acc"] == evaluated["resnet"]["val_acc"]
+
+
+def test_the_params_seed_trains_when_the_pipeline_outputs_are_of_other_params(project):
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    # No models/resnet at all: the params' own seed cannot come from the pipeline and trains here.
+    summary = seeds.run(cfg, [0], progress=False)
+    assert (paths.CHECKPOINTS / "resnet-seed0.pt").exists()
+    assert summary["seeds"][0]["seed"] == 0 and summary["std"]["val_acc"] == 0.0
