@@ -61,6 +61,24 @@ class StochasticDepth(nn.Module):
         return x * mask / keep  # rescaled so that eval mode needs no correction
 
 
+class Projection(nn.Module):
+    """A strided 1x1 convolution without bias, computed as a matrix product: the projection shortcut.
+
+    Written out because oneDNN's AVX2 kernel for the weight gradient of a strided 1x1 convolution on
+    channels-last tensors hangs or crashes for some batch sizes; a matrix product goes through BLAS.
+    The weight has nn.Conv2d's shape, so state dicts are those of the convolution it replaces.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))  # initialized by ResNet
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return torch.einsum("nchw,oc->nohw", x, self.weight.flatten(1))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm; the shortcut is added before the last ReLU.
 
@@ -82,10 +100,8 @@ class BasicBlock(nn.Module):
         self.drop_path = StochasticDepth(drop_path)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+            self.downsample = nn.Sequential(Projection(in_channels, out_channels, stride),
+                                            nn.BatchNorm2d(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -143,7 +159,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(in_channels, num_classes)
 
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, Projection)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         # Each residual branch starts as zero, so every block starts as the identity (Goyal et al., 2017).
         for m in self.modules():

@@ -118,10 +118,10 @@ def test_block_uses_the_identity_shortcut_when_the_shape_is_unchanged():
 def test_block_projects_the_shortcut_when_stride_or_channels_change(in_channels, out_channels, stride):
     block = BasicBlock(in_channels, out_channels, stride=stride)
     assert isinstance(block.downsample, nn.Sequential)
-    conv, bn = list(block.downsample)
-    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-    assert conv.kernel_size == (1, 1) and conv.stride == (stride, stride) and conv.bias is None
-    assert (conv.in_channels, conv.out_channels, bn.num_features) == (in_channels, out_channels, out_channels)
+    projection, bn = list(block.downsample)
+    assert isinstance(projection, models.Projection) and isinstance(bn, nn.BatchNorm2d)
+    assert projection.stride == stride and projection.weight.shape == (out_channels, in_channels, 1, 1)
+    assert bn.num_features == out_channels
     side = 16 // stride
     assert block(images(2, in_channels, 16)).shape == (2, out_channels, side, side)
 
@@ -271,3 +271,15 @@ def test_load_of_a_missing_file_raises_naming_the_file(tmp_path):
     with pytest.raises(ModelFileError, match="not found") as info:
         models.load(path, BaselineModelConfig(), "train_baseline")
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_projection_equals_a_strided_1x1_convolution(stride):
+    projection = models.Projection(4, 8, stride)
+    nn.init.normal_(projection.weight)
+    conv = nn.Conv2d(4, 8, 1, stride=stride, bias=False)
+    conv.weight.data.copy_(projection.weight.data)
+    x = images(13, 4, 9).contiguous(memory_format=torch.channels_last)  # 13 images: the batch oneDNN's kernel hung on
+    torch.testing.assert_close(projection(x), conv(x))
+    projection(x).sum().backward()
+    assert projection.weight.grad.shape == (8, 4, 1, 1)
