@@ -197,13 +197,15 @@ def test_block_in_train_mode_drops_the_branch_of_most_samples(in_channels, out_c
     with torch.no_grad():
         out = block(x)
         shortcut = x if block.downsample is None else block.downsample(x)  # same batch: same batch-norm statistics
-    only_shortcut = (out == torch.relu(shortcut)).flatten(1).all(1)
+    # Close, not equal: the projection is a BLAS product, whose last bits may depend on memory alignment.
+    only_shortcut = torch.isclose(out, torch.relu(shortcut), rtol=0, atol=1e-5).flatten(1).all(1)
     assert only_shortcut.float().mean().item() > 0.85
     assert not only_shortcut.all(), "some samples keep their branch"
     block.eval()
     with torch.no_grad():
         shortcut = x if block.downsample is None else block.downsample(x)
-        assert not (block(x) == torch.relu(shortcut)).flatten(1).all(1).any(), "eval mode drops nothing"
+        same = torch.isclose(block(x), torch.relu(shortcut), rtol=0, atol=1e-5).flatten(1).all(1)
+        assert not same.any(), "eval mode drops nothing"
 
 
 def test_drop_path_grows_linearly_with_depth():
