@@ -67,6 +67,9 @@ class ResNetModelConfig(Strict):
     dropout: Probability = 0.0
     stochastic_depth: Probability = 0.0
     head_dropout: Probability = 0.0  # before the classifier
+    # The first layer: a 3x3 "conv" with batch norm, or "whiten": a frozen 2x2 convolution set from the
+    # training images so that its outputs are decorrelated (see models.PatchWhitening).
+    stem: Literal["conv", "whiten"] = "conv"
 
     @model_validator(mode="after")
     def _strided_stages_need_a_block(self) -> "ResNetModelConfig":
@@ -96,6 +99,9 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: Literal["constant", "cosine", "onecycle"] = "constant"
     warmup_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # onecycle only
+    # onecycle and cosine: the rate the schedule ends at, as a fraction of its peak. Above 0 the raw weights
+    # stay noisy to the end, which keeps their running accuracy low, while the EMA averages the noise out.
+    final_lr_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     label_smoothing: Probability = 0.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
     seed: Annotated[int, Field(strict=True)] = 0

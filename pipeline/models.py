@@ -2,7 +2,8 @@
 
 The ResNet follows He et al. (2016), "Deep Residual Learning for Image Recognition", in the
 CIFAR form: a 3x3 stem, stages of BasicBlocks that double the width and halve the resolution,
-global average pooling and one linear classifier.
+global average pooling and one linear classifier; the DAWNBench ResNet-9 layout and airbench's
+patch-whitening stem are options of the same class.
 """
 
 from __future__ import annotations
@@ -79,6 +80,37 @@ class Projection(nn.Module):
         return torch.einsum("nchw,oc->nohw", x, self.weight.flatten(1))
 
 
+class PatchWhitening(nn.Module):
+    """A 2x2 convolution whose filters whiten the 2x2 patches of the training images (the airbench stem).
+
+    `fit_to(images)` sets the filters once, before training: the eigenvectors of the patch covariance,
+    each divided by the square root of its eigenvalue, and their negatives, so that the ReLU after
+    the stem passes every direction of the patch space. The filters then stay frozen; the bias trains.
+    The network starts on decorrelated inputs, which is what makes the first epochs count.
+    """
+
+    def __init__(self, in_channels: int = 3, kernel_size: int = 2) -> None:
+        super().__init__()
+        self.out_channels = 2 * in_channels * kernel_size ** 2
+        self.conv = nn.Conv2d(in_channels, self.out_channels, kernel_size, bias=True)
+        self.conv.weight.requires_grad_(False)
+        nn.init.zeros_(self.conv.bias)
+
+    @torch.no_grad()
+    def fit_to(self, images: Tensor, eps: float = 5e-4) -> None:
+        channels, (kh, kw) = images.shape[1], self.conv.kernel_size
+        patches = images.float().unfold(2, kh, 1).unfold(3, kw, 1)  # N, C, H', W', kh, kw
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * kh * kw).double()
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]
+        filters = filters.reshape(-1, channels, kh, kw)
+        self.conv.weight.copy_(torch.cat([filters, -filters]).to(self.conv.weight))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm; the shortcut is added before the last ReLU.
 
@@ -111,8 +143,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A 3x3 stem, stages of BasicBlocks, global pooling, (dropout,) one linear classifier.
+    """A stem, stages of BasicBlocks, global pooling, (dropout,) one linear classifier.
 
+    `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
+    (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
     `downsample` chooses how a stage changes the resolution:
     - "stride" (He et al., 2016, CIFAR form): stage i has width * 2**i channels; the first block of
       every stage but the first has stride 2 and a projection shortcut.
@@ -131,13 +165,20 @@ class ResNet(nn.Module):
         downsample: str = "stride",
         pooling: str = "avg",
         head_dropout: float = 0.0,
+        stem: str = "conv",
         num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        if stem == "whiten":
+            whitening = PatchWhitening(3)
+            self.stem = nn.Sequential(whitening, nn.ReLU(inplace=True))
+            in_channels = whitening.out_channels
+        else:
+            self.stem = nn.Sequential(conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            in_channels = width
         total = sum(blocks)
         stages: list[nn.Module] = []
-        in_channels, index = width, 0
+        index = 0
         for stage, count in enumerate(blocks):
             layers: list[nn.Module] = []
             if downsample == "pool":
@@ -159,7 +200,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(in_channels, num_classes)
 
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, Projection)):
+            if isinstance(m, (nn.Conv2d, Projection)) and m.weight.requires_grad:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         # Each residual branch starts as zero, so every block starts as the identity (Goyal et al., 2017).
         for m in self.modules():
@@ -174,8 +215,15 @@ class ResNet(nn.Module):
 def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
     if isinstance(config, ResNetModelConfig):
         return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth,
-                      config.downsample, config.pooling, config.head_dropout)
+                      config.downsample, config.pooling, config.head_dropout, config.stem)
     return BaselineCNN(config.widths, config.hidden)
+
+
+def fit_to_data(model: nn.Module, images: Tensor) -> None:
+    """The data-dependent part of a new model's initialization (the whitening stem), from training images."""
+    for module in model.modules():
+        if isinstance(module, PatchWhitening):
+            module.fit_to(images)
 
 
 def count_parameters(model: nn.Module) -> int:

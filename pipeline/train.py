@@ -29,9 +29,10 @@ from pipeline import distributed
 from pipeline.config import TrainConfig, TrainingConfig
 from pipeline.data import Split
 from pipeline.errors import ConfigError
-from pipeline.models import build_model
+from pipeline.models import build_model, fit_to_data
 
 CHECKPOINT_VERSION = 4  # 4: loaded with weights_only (plain data only)
+WHITENING_IMAGES = 5000  # training images whose patches set a whitening stem
 
 
 def select_device(name: str, index: int = 0) -> torch.device:
@@ -139,11 +140,14 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     """Stepped once per batch."""
+    peak, floor = cfg.optimizer.lr, cfg.final_lr_fraction
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=peak * floor)
     if cfg.schedule == "onecycle":
+        start = 25.0  # OneCycleLR's div_factor: the first step's rate is peak / 25
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps, pct_start=cfg.warmup_fraction
+            optimizer, max_lr=peak, total_steps=total_steps, pct_start=cfg.warmup_fraction, div_factor=start,
+            final_div_factor=1 / (start * floor) if floor else 1e4,  # ends at peak / (start * final_div_factor)
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
@@ -243,7 +247,10 @@ def fit(
     seed_everything(cfg.seed, settings.deterministic)
     bf16 = uses_bf16(settings.precision, device)
     precision = "bf16" if bf16 else "fp32"
+    x_train, y_train = to_device_tensor(train, device)
+    x_val, y_val = to_device_tensor(val, device)
     model = build_model(cfg.model).to(device, memory_format=memory_format(device))
+    fit_to_data(model, x_train[:WHITENING_IMAGES])  # replaced by the checkpoint's weights on resume
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not settings.deterministic
     net = model  # what the training steps call
@@ -254,8 +261,6 @@ def fit(
     if settings.compile:
         net = torch.compile(net)  # the training steps only: evaluation runs the plain module
 
-    x_train, y_train = to_device_tensor(train, device)
-    x_val, y_val = to_device_tensor(val, device)
     # A fixed, seeded subset of the train split, scored in eval mode: the "clean" training accuracy.
     subset = settings.eval_train_size or len(y_train)
     pick = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed))[:subset].to(device)
@@ -391,8 +396,9 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
         # one must never run code from the file, whoever wrote it.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, or holding more than plain data: not worth failing for, retrain
-        print(f"ignoring checkpoint {path}: it does not load as plain tensors and values "
-              f"({str(exc).splitlines()[0][:200]}); training from scratch")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(f"ignoring checkpoint {path}: it does not load as plain tensors and values ({reason}); "
+              "training from scratch")
         return None
     if not isinstance(state, dict):
         print(f"ignoring checkpoint {path}: not a checkpoint of this pipeline; training from scratch")

@@ -285,3 +285,51 @@ def test_projection_equals_a_strided_1x1_convolution(stride):
     torch.testing.assert_close(projection(x), conv(x))
     projection(x).sum().backward()
     assert projection.weight.grad.shape == (8, 4, 1, 1)
+
+
+# --- the patch-whitening stem ------------------------------------------------------------------
+
+def correlated_images(n: int = 64) -> torch.Tensor:
+    """Images whose channels and neighbouring pixels are strongly correlated, as natural images are."""
+    base = torch.randn(n, 1, 33, 33)
+    smooth = (base[..., 1:, 1:] + base[..., :-1, :-1]) / 2  # neighbouring pixels share a component
+    return torch.cat([smooth, 0.8 * smooth + 0.3 * torch.randn_like(smooth), 0.3 * torch.randn_like(smooth) - smooth], 1)
+
+
+def test_whitening_stem_decorrelates_the_patches_it_was_fitted_to():
+    x = correlated_images()
+    stem = models.PatchWhitening(3)
+    stem.fit_to(x)
+    half = stem.out_channels // 2
+    with torch.no_grad():
+        out = (stem(x) - stem.conv.bias.view(1, -1, 1, 1))[:, :half]  # one filter per eigenvector
+    flat = out.permute(0, 2, 3, 1).reshape(-1, half).double()
+    covariance = flat.T @ flat / len(flat)
+    before = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    assert (before.T @ before / len(before) - torch.eye(12, dtype=torch.double)).abs().max() > 0.3
+    # Unit variance and no correlation, up to the eps that guards the smallest directions.
+    assert torch.allclose(covariance, torch.diag(torch.diagonal(covariance)), atol=1e-3)
+    assert torch.diagonal(covariance).sub(1).abs().max() < 0.05
+    assert torch.equal(stem.conv.weight[half:], -stem.conv.weight[:half]), "each filter with its negative"
+
+
+def test_whitening_stem_is_frozen_and_feeds_the_stages_at_31_by_31():
+    model = ResNet(4, [1, 0, 1], downsample="pool", stem="whiten").eval()
+    whitening = model.stem[0]
+    assert isinstance(whitening, models.PatchWhitening)
+    assert not whitening.conv.weight.requires_grad and whitening.conv.bias.requires_grad
+    assert all(p is not whitening.conv.weight for p in model.parameters() if p.requires_grad)
+    assert tuple(model.stem(images(2)).shape[1:]) == (24, 31, 31)
+    assert model(images(2)).shape == (2, models.NUM_CLASSES)
+
+
+def test_fit_to_data_sets_the_whitening_stem_and_leaves_other_models_alone():
+    whitened = models.build_model(ResNetModelConfig(width=4, blocks=[1], downsample="pool", stem="whiten"))
+    plain = models.build_model(ResNetModelConfig(width=4, blocks=[1]))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    stem_before = whitened.stem[0].conv.weight.clone()
+    x = correlated_images(16)
+    models.fit_to_data(whitened, x)
+    models.fit_to_data(plain, x)
+    assert not torch.equal(whitened.stem[0].conv.weight, stem_before)
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())

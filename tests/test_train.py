@@ -218,6 +218,20 @@ def test_onecycle_lr_peaks_at_the_optimizer_lr():
     assert lrs[0] == pytest.approx(0.2 / 25) and lrs[-1] < 1e-3 * 0.2
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_a_final_lr_fraction_ends_the_schedule_at_that_fraction_of_the_peak(schedule):
+    cfg = train_config(schedule=schedule, final_lr_fraction=0.15, optimizer={"name": "sgd", "lr": 0.2})
+    optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    schedule_ = make_schedule(cfg, optimizer, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule_.step()
+    assert max(lrs) == pytest.approx(0.2)
+    assert lrs[-1] == pytest.approx(0.15 * 0.2, rel=0.02) and min(lrs[first_argmax(lrs):]) >= 0.15 * 0.2 - 1e-9
+
+
 def test_cosine_and_constant_schedules():
     for name, expected_end in [("cosine", 0.0), ("constant", 0.2)]:
         cfg = train_config(schedule=name, optimizer={"name": "sgd", "lr": 0.2})
@@ -555,6 +569,18 @@ def test_a_checkpoint_that_would_run_code_is_ignored_without_running_it(tmp_path
     assert f"ignoring checkpoint {path}: it does not load as plain tensors and values" in capsys.readouterr().out
 
 
+def test_a_checkpoint_error_without_a_message_is_reported_by_its_type(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"")
+
+    def fails_silently(*args, **kwargs):
+        raise EOFError()  # what a reader may raise on an empty or cut file, with no message
+
+    monkeypatch.setattr(torch, "load", fails_silently)
+    assert load_checkpoint(path, "f") is None
+    assert "does not load as plain tensors and values (EOFError)" in capsys.readouterr().out
+
+
 def test_a_checkpoint_that_is_not_a_mapping_is_ignored(tmp_path, capsys):
     path = tmp_path / "checkpoint.pt"
     torch.save([1, 2, 3], path)
@@ -575,3 +601,15 @@ def test_weight_decay_scope_weights_leaves_norms_and_biases_undecayed():
     assert len(decayed["params"]) + len(undecayed["params"]) == len(list(model.parameters()))
     everything = TrainConfig.model_validate({**cfg.model_dump(), "optimizer": {"name": "sgd", "weight_decay": 5e-4}})
     assert len(parameter_groups(model, everything)) == 1
+
+
+def test_a_whitening_stem_is_fitted_to_the_training_images_and_stays_frozen(tmp_path):
+    model = {"arch": "resnet", "width": 8, "blocks": [1, 0, 1], "downsample": "pool", "stem": "whiten"}
+    result = run_fit(tmp_path, train_config(model=model, epochs=3, optimizer={"name": "sgd", "lr": 0.05,
+                                                                               "weight_decay": 5e-3}))
+    expected = models.PatchWhitening(3)
+    expected.fit_to(torch.from_numpy(TRAIN.images).float())
+    trained = result.state["stem.0.conv.weight"]
+    assert torch.allclose(trained, expected.conv.weight, atol=1e-6), "fitted once, then untouched by the optimizer"
+    assert not torch.equal(result.state["stem.0.conv.bias"], torch.zeros(24)), "its bias trains"
+    assert result.history[-1]["val_acc"] > 0.5
