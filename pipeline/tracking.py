@@ -39,6 +39,7 @@ from pipeline.train import device_name
 GROUP_TAG = "pipeline.group"
 PARENT_TAG = "pipeline.parent"
 INCOMPLETE_TAG = "pipeline.incomplete"  # on a run that a lost server left without some of its records
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # what the UI opens on
 RELOGGED_FROM_TAG = "pipeline.relogged_from"  # on a run made by log-run: the run it replaces
 RELOGGED_AS_TAG = "pipeline.relogged_as"  # on the replaced run, when the server still has it
 
@@ -265,7 +266,11 @@ def data_tags(stats: dict) -> dict[str, str]:
 def parent_run(config: Config) -> str:
     """The parent run of this configuration's group in the params' experiment, found or created."""
     client = MlflowClient()
-    experiment_id = mlflow.set_experiment(config.train.experiment).experiment_id
+    experiment = mlflow.set_experiment(config.train.experiment)
+    experiment_id = experiment.experiment_id
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        # Without it, MLflow 3's UI opens the experiment on its GenAI pages (traces), not on the runs.
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     group = group_id(config)
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`{PARENT_TAG}` = 'true'",

@@ -75,6 +75,12 @@ def test_run_is_nested_under_the_group_parent(trained_resnet):
     assert tracking.parent_run(cfg) == parent_id, "the same params find the same parent"
 
 
+def test_the_experiment_opens_as_a_model_training_experiment(trained_resnet):
+    _, _, _, run = trained_resnet
+    experiment = MlflowClient().get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow 3's GenAI pages
+
+
 def test_train_and_validation_datasets_are_inputs(trained_resnet):
     _, _, _, run = trained_resnet
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
