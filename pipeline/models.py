@@ -73,7 +73,8 @@ class Projection(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))  # initialized by ResNet
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")  # as ResNet does for convs
 
     def forward(self, x: Tensor) -> Tensor:
         x = x[:, :, ::self.stride, ::self.stride]
@@ -235,6 +236,14 @@ def save(path, config: BaselineModelConfig | ResNetModelConfig, state_dict: dict
     torch.save({"config": config.model_dump(mode="json"), "state_dict": state_dict, **info}, path)
 
 
+def _with_defaults(saved: dict, expected: BaselineModelConfig | ResNetModelConfig) -> dict:
+    """A saved model config with the defaults of fields added since it was saved: the same model."""
+    try:
+        return type(expected).model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        return saved  # not a config this code can read: reported as a mismatch
+
+
 def load(path, expected: BaselineModelConfig | ResNetModelConfig, stage: str) -> tuple[nn.Module, dict]:
     """Rebuild a saved model, refusing one trained with another model config than params say."""
     from pathlib import Path
@@ -244,7 +253,7 @@ def load(path, expected: BaselineModelConfig | ResNetModelConfig, stage: str) ->
         raise ModelFileError(f"{path} not found: train it first (dvc repro {stage})")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     wanted = expected.model_dump(mode="json")
-    if saved["config"] != wanted:
+    if _with_defaults(saved["config"], expected) != wanted:
         raise ModelFileError(
             f"{path} was trained with model config {saved['config']}, but params.yaml now says {wanted}: "
             f"retrain it (dvc repro {stage}) or restore the params it was trained with"

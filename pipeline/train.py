@@ -145,8 +145,11 @@ def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_step
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=peak * floor)
     if cfg.schedule == "onecycle":
         start = 25.0  # OneCycleLR's div_factor: the first step's rate is peak / 25
+        warmup = cfg.warmup_fraction
+        if round(warmup * total_steps, 9) == 1:  # a one-step warm-up makes OneCycleLR divide by zero
+            warmup = 0.5 / total_steps  # no warm-up: the first step is near the peak
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peak, total_steps=total_steps, pct_start=cfg.warmup_fraction, div_factor=start,
+            optimizer, max_lr=peak, total_steps=total_steps, pct_start=warmup, div_factor=start,
             final_div_factor=1 / (start * floor) if floor else 1e4,  # ends at peak / (start * final_div_factor)
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

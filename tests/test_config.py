@@ -151,7 +151,9 @@ def test_overrides_parse_yaml_values():
     assert cfg.train.resnet.ema_decay == 0.99 and cfg.train.resnet.schedule == "cosine"
     assert cfg.data.seed == 7
     # Untouched keys keep the file's values.
-    assert cfg.train.resnet.optimizer.name == "sgd" and cfg.train.resnet.model.width == 16
+    file = load_with()
+    assert cfg.train.resnet.optimizer.name == file.train.resnet.optimizer.name
+    assert cfg.train.resnet.model.width == file.train.resnet.model.width
 
 
 def test_parse_override_returns_key_path_and_typed_value():

@@ -268,6 +268,19 @@ def test_load_with_another_config_raises_naming_the_file(tmp_path):
     assert "train_resnet" in str(info.value)
 
 
+def test_a_model_saved_before_a_config_field_existed_loads_when_params_keep_its_default(tmp_path):
+    config = ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool")
+    model = models.build_model(config).eval()
+    path = tmp_path / "model.pt"
+    older = {k: v for k, v in config.model_dump(mode="json").items() if k != "stem"}  # as saved before `stem`
+    torch.save({"config": older, "state_dict": model.state_dict()}, path)
+    loaded, _ = models.load(path, config, "train_resnet")
+    x = images(2)
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ModelFileError, match="retrain"):
+        models.load(path, config.model_copy(update={"stem": "whiten"}), "train_resnet")
+
+
 def test_load_of_a_missing_file_raises_naming_the_file(tmp_path):
     path = tmp_path / "nowhere" / "model.pt"
     with pytest.raises(ModelFileError, match="not found") as info:

@@ -232,6 +232,19 @@ def test_a_final_lr_fraction_ends_the_schedule_at_that_fraction_of_the_peak(sche
     assert lrs[-1] == pytest.approx(0.15 * 0.2, rel=0.02) and min(lrs[first_argmax(lrs):]) >= 0.15 * 0.2 - 1e-9
 
 
+def test_onecycle_with_a_one_step_warm_up_runs():
+    # 5 steps and warm-up 0.2: the warm-up is exactly one step, where OneCycleLR alone divides by zero.
+    cfg = train_config(schedule="onecycle", warmup_fraction=0.2, optimizer={"name": "sgd", "lr": 0.2})
+    optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    schedule = make_schedule(cfg, optimizer, total_steps=5)
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(0.2, rel=0.1) and lrs == sorted(lrs, reverse=True)
+
+
 def test_cosine_and_constant_schedules():
     for name, expected_end in [("cosine", 0.0), ("constant", 0.2)]:
         cfg = train_config(schedule=name, optimizer={"name": "sgd", "lr": 0.2})
