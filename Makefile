@@ -1,5 +1,6 @@
 # make repro: install into .venv and run the whole pipeline (dvc repro).
 # make test:  install into .venv (with test tools) and run the tests.
+# make plots: `dvc plots show` as a page that works offline.
 VENV ?= .venv
 PYTHON ?= $(shell command -v python3)  # resolved before the venv goes first on PATH
 BIN := $(abspath $(VENV))/bin
@@ -7,7 +8,7 @@ BIN := $(abspath $(VENV))/bin
 # shell where it is not activated.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test test-fast seeds results install bench clean
+.PHONY: repro test test-fast seeds results plots install bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +38,17 @@ results: install
 
 bench: install
 	$(BIN)/python bench/train_speed.py
+
+# `dvc plots show` writes a page that loads Vega from a CDN, blank without internet. This one carries the
+# libraries inline (installed once with npm, at the versions DVC's page names), so it opens anywhere.
+VEGA := .cache/vega
+VEGA_PACKAGES := vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2
+
+plots: install $(VEGA)/template.html
+	$(BIN)/dvc plots show --html-template $(abspath $(VEGA))/template.html
+
+$(VEGA)/template.html:
+	# --legacy-peer-deps: DVC's page uses these three together, although vega-lite 5.2.0 declares vega ^5.21.
+	npm install --loglevel=error --no-audit --no-fund --legacy-peer-deps --prefix $(VEGA) $(VEGA_PACKAGES)
+	$(BIN)/python scripts/offline_plots_template.py $(VEGA)/node_modules > $@.tmp
+	mv $@.tmp $@

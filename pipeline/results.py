@@ -124,7 +124,8 @@ def readme_summary(evaluated: dict, trained: dict[str, dict], seeds: dict | None
         "",
         f"Targets of the ResNet (seed 0): {'**every one holds**' if held else '**not every one holds**'}. "
         f"Measured on {machine.get('cpu', 'an unrecorded machine')} (`{machine.get('device', '?')}`, "
-        f"{machine.get('threads', '?')} threads), data: {data_source(data_md5).split(' (')[0]}. "
+        f"{machine.get('threads', '?')} threads), data: {data_source(data_md5).split(' (')[0]}"
+        f"{' (a JPEG re-encoding of the images)' if data_md5 == OFFLINE_COPY_MD5 else ''}. "
         "Running training accuracy is the training-mode figure averaged over the kept epoch; clean is eval mode.",
     ]
     return lines
@@ -161,8 +162,10 @@ def export_tried(path: Path = TRIED) -> Path:
         rows.append({
             "run": run.info.run_id[:8],
             "model": f"width {p.get('resnet.model.width')} blocks {p.get('resnet.model.blocks')} "
-                     f"{p.get('resnet.model.downsample', 'stride')}",
+                     f"{p.get('resnet.model.downsample', 'stride')}, {p.get('resnet.model.stem', 'conv')} stem",
             "dropout": p.get("resnet.model.dropout"), "head_dropout": p.get("resnet.model.head_dropout", "0.0"),
+            "batch_size": p.get("resnet.batch_size"), "lr": p.get("resnet.optimizer.lr"),
+            "final_lr_fraction": p.get("resnet.final_lr_fraction", "0.0"),
             "ema_decay": p.get("resnet.ema_decay"), "epochs_planned": p.get("resnet.epochs"),
             "epochs_run": len(history),
             "best_epoch_under_92": int(best.name) if best is not None else None,
@@ -179,12 +182,14 @@ def export_tried(path: Path = TRIED) -> Path:
 
 def tried_table(path: Path = TRIED) -> list[str]:
     tried = pd.read_csv(path)
-    lines = ["| run | model | dropout / head | EMA | epochs run / planned | best epoch with running < 92% | "
-             "val acc | running / clean (subset) train acc | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | dropout / head | batch, peak lr, final lr | EMA | epochs run / planned | "
+             "best epoch with running < 92% | val acc | running / clean (subset) train acc | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in tried.itertuples():
         figures = (f"{row.best_epoch_under_92:.0f} | {pct(row.val_acc)} | {pct(row.train_running_acc)} / "
                    f"{pct(row.train_clean_subset_acc)}") if row.val_acc == row.val_acc else "none | | "
-        lines.append(f"| `{row.run}` | {row.model} | {row.dropout} / {row.head_dropout} | {row.ema_decay} | "
+        lines.append(f"| `{row.run}` | {row.model} | {row.dropout} / {row.head_dropout} | "
+                     f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak | {row.ema_decay} | "
                      f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,} |")
     return lines
 

@@ -101,7 +101,7 @@ def test_plots_and_metrics_render(repo):
 
 
 def test_results_document_is_written_from_the_committed_outputs(repo):
-    sh(repo, sys.executable, "-m", "pipeline.results")
+    sh(repo, sys.executable, "-m", "pipeline.results", "--tried")
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
     history = (repo / "plots/resnet/history.csv").read_text().splitlines()
     results = (repo / "docs/results.md").read_text()
@@ -110,6 +110,8 @@ def test_results_document_is_written_from_the_committed_outputs(repo):
     assert results.count("| 1 ") + results.count("| 2 ") >= len(history) - 1, "one row per ResNet epoch"
     assert "an archive that is neither the official one nor the project's offline copy" in results  # the tiny one
     assert (repo / "docs/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    tried = (repo / "docs/tried.csv").read_text().splitlines()  # one row per train_resnet run in MLflow
+    assert len(tried) == 2 and "conv stem" in tried[1] and "## What was tried" in results
     shutil.rmtree(repo / "docs")
 
 
@@ -160,6 +162,26 @@ def test_a_bad_param_stops_repro_in_the_check_stage_and_deletes_nothing(repo):
     sh(repo, "git", "checkout", "--", "params.yaml")
 
 
+def test_a_stage_that_fails_after_it_started_gets_its_outputs_back_from_git_and_dvc_checkout(repo):
+    # DVC deletes a stage's outputs before it runs the command, so a stage that fails part-way (an error, a
+    # Ctrl-C, a kill) leaves them missing: the README's recovery command must bring them back.
+    sh(repo, "git", "checkout", "--", ".")
+    sh(repo, "dvc", "checkout")
+    status = sh(repo, "dvc", "status", "train_resnet").stdout
+    outputs = ("models/resnet/model.pt", "metrics/resnet.json", "plots/resnet/history.csv")
+    before = {p: (repo / p).read_bytes() for p in outputs}
+    images = repo / "data/normalized/train_images.npy"
+    images.unlink()  # a new file: the DVC cache behind the old one stays intact
+    images.write_bytes(b"not an array")  # the stage starts, then fails reading its input
+    done = sh(repo, "dvc", "repro", "-f", "-s", "train_resnet", check=False)
+    assert done.returncode != 0 and "Running stage 'train_resnet'" in done.stdout
+    assert not (repo / "metrics/resnet.json").exists(), "premise: DVC deleted the outputs before the command ran"
+    sh(repo, "dvc", "checkout", "--force", "data/normalized")  # undo the sabotage, not part of the recovery
+    sh(repo, "sh", "-c", "git checkout -- metrics plots && dvc checkout")
+    assert {p: (repo / p).read_bytes() for p in outputs} == before
+    assert sh(repo, "dvc", "status", "train_resnet").stdout == status
+
+
 def test_make_repro_works_from_a_shell_without_the_venv_on_path(repo):
     # The README's first command, from a plain shell: DVC must run the stages with the venv's python.
     for name in ("Makefile", "pyproject.toml"):
@@ -179,3 +201,18 @@ def test_make_repro_works_from_a_shell_without_the_venv_on_path(repo):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Running stage 'train_resnet'" in done.stdout
     assert json.loads((repo / "metrics/resnet.json").read_text())["epochs"] == 2
+
+
+def test_make_plots_writes_a_page_that_opens_without_internet(repo):
+    venv = Path(sys.prefix)
+    if shutil.which("npm") is None or not (venv / "bin" / ".installed").exists():
+        pytest.skip("needs npm and a venv that `make install` made")
+    (repo / "scripts").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "scripts/offline_plots_template.py", repo / "scripts")
+    done = subprocess.run(["make", "plots", f"VENV={venv}"], cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    html = (repo / "dvc_plots/index.html").read_text()
+    assert "history.csv" in html and "confusion_resnet.csv" in html
+    assert "<script src" not in html and "cdn.jsdelivr" not in html, "nothing is loaded from elsewhere"
+    assert html.count("<script>") >= 3 and len(html) > 500_000, "Vega, Vega-Lite and Vega-Embed are inline"
