@@ -204,15 +204,21 @@ def test_make_optimizer_builds_the_named_optimizer():
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
 
 
-def test_onecycle_lr_peaks_at_the_optimizer_lr():
-    cfg = train_config(schedule="onecycle", warmup_fraction=0.3, optimizer={"name": "sgd", "lr": 0.2})
+def scheduled_rates(cfg: TrainConfig, steps: int) -> list[float]:
+    """The learning rate of each of `steps` optimizer steps under cfg's schedule."""
     optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
-    schedule = make_schedule(cfg, optimizer, total_steps=100)
-    lrs = []
-    for _ in range(100):
-        lrs.append(optimizer.param_groups[0]["lr"])
+    schedule = make_schedule(cfg, optimizer, total_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.step()
+    return rates
+
+
+def test_onecycle_lr_peaks_at_the_optimizer_lr():
+    lrs = scheduled_rates(train_config(schedule="onecycle", warmup_fraction=0.3, optimizer={"name": "sgd", "lr": 0.2}),
+                          100)
     assert max(lrs) == pytest.approx(0.2)
     assert 25 <= first_argmax(lrs) <= 32, "the peak ends the warmup (30% of the steps)"
     assert lrs[0] == pytest.approx(0.2 / 25) and lrs[-1] < 1e-3 * 0.2
@@ -220,28 +226,15 @@ def test_onecycle_lr_peaks_at_the_optimizer_lr():
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_a_final_lr_fraction_ends_the_schedule_at_that_fraction_of_the_peak(schedule):
-    cfg = train_config(schedule=schedule, final_lr_fraction=0.15, optimizer={"name": "sgd", "lr": 0.2})
-    optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
-    schedule_ = make_schedule(cfg, optimizer, total_steps=100)
-    lrs = []
-    for _ in range(100):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule_.step()
+    lrs = scheduled_rates(train_config(schedule=schedule, final_lr_fraction=0.15,
+                                       optimizer={"name": "sgd", "lr": 0.2}), 100)
     assert max(lrs) == pytest.approx(0.2)
     assert lrs[-1] == pytest.approx(0.15 * 0.2, rel=0.02) and min(lrs[first_argmax(lrs):]) >= 0.15 * 0.2 - 1e-9
 
 
 def test_onecycle_with_a_one_step_warm_up_runs():
     # 5 steps and warm-up 0.2: the warm-up is exactly one step, where OneCycleLR alone divides by zero.
-    cfg = train_config(schedule="onecycle", warmup_fraction=0.2, optimizer={"name": "sgd", "lr": 0.2})
-    optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
-    schedule = make_schedule(cfg, optimizer, total_steps=5)
-    lrs = []
-    for _ in range(5):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
+    lrs = scheduled_rates(train_config(schedule="onecycle", warmup_fraction=0.2, optimizer={"name": "sgd", "lr": 0.2}), 5)
     assert lrs[0] == pytest.approx(0.2, rel=0.1) and lrs == sorted(lrs, reverse=True)
 
 
