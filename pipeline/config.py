@@ -70,6 +70,9 @@ class ResNetModelConfig(Strict):
     # The first layer: a 3x3 "conv" with batch norm, or "whiten": a frozen 2x2 convolution set from the
     # training images so that its outputs are decorrelated (see models.PatchWhitening).
     stem: Literal["conv", "whiten"] = "conv"
+    # The classifier's outputs are multiplied by this (the DAWNBench ResNet-9 uses 0.125): small logits
+    # keep the softmax from saturating early, so the net grows confident more slowly.
+    logit_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
     @model_validator(mode="after")
     def _strided_stages_need_a_block(self) -> "ResNetModelConfig":
@@ -172,14 +175,23 @@ class Config(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
 
     def fingerprint(self, *sections: str) -> str:
-        """A short hash of the named sections (dotted paths), to match outputs to the params that made them."""
-        dumped = self.model_dump(mode="json")
-        picked = {s: _get(dumped, s.split(".")) for s in sections}
+        """A short hash of the named sections (dotted paths), to match outputs to the params that made them.
+
+        Fields at their defaults are left out: adding an option whose default keeps the old computation
+        leaves every existing fingerprint, and so every trained model and checkpoint, valid.
+        """
+        dumped = self.model_dump(mode="json", exclude_defaults=True)
+        picked = {s: _get(dumped, s.split("."), missing=None) for s in sections}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _get(tree: dict, keys: list[str]) -> Any:
+_REQUIRED = object()
+
+
+def _get(tree: dict, keys: list[str], missing: Any = _REQUIRED) -> Any:
     for key in keys:
+        if key not in tree and missing is not _REQUIRED:
+            return missing
         tree = tree[key]
     return tree
 

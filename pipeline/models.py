@@ -146,6 +146,7 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A stem, stages of BasicBlocks, global pooling, (dropout,) one linear classifier.
 
+    `logit_scale` multiplies the classifier's outputs.
     `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
     (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
     `downsample` chooses how a stage changes the resolution:
@@ -167,6 +168,7 @@ class ResNet(nn.Module):
         pooling: str = "avg",
         head_dropout: float = 0.0,
         stem: str = "conv",
+        logit_scale: float = 1.0,
         num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
@@ -199,6 +201,7 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1) if pooling == "max" else nn.AdaptiveAvgPool2d(1)
         self.head_dropout = nn.Dropout(head_dropout) if head_dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_channels, num_classes)
+        self.logit_scale = logit_scale
 
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, Projection)) and m.weight.requires_grad:
@@ -210,13 +213,13 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = torch.flatten(self.pool(self.stages(self.stem(x))), 1)
-        return self.fc(self.head_dropout(x))
+        return self.fc(self.head_dropout(x)) * self.logit_scale
 
 
 def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
     if isinstance(config, ResNetModelConfig):
         return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth,
-                      config.downsample, config.pooling, config.head_dropout, config.stem)
+                      config.downsample, config.pooling, config.head_dropout, config.stem, config.logit_scale)
     return BaselineCNN(config.widths, config.hidden)
 
 

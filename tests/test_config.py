@@ -5,6 +5,7 @@ Real params files and the real command line (a subprocess); nothing is mocked.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -225,6 +226,19 @@ def test_fingerprint_follows_only_the_named_sections():
     base = load_with()
     assert base.fingerprint("data") == load_with("train.resnet.epochs=3").fingerprint("data")
     assert base.fingerprint("data") != load_with("data.seed=1").fingerprint("data")
+
+
+def test_fingerprint_ignores_options_left_at_their_defaults():
+    # An option added to the schema later, at a default that keeps the computation, must not make
+    # every trained model and checkpoint look stale.
+    explicit = yaml.safe_load(PARAMS.read_text())
+    explicit["train"]["resnet"]["model"]["stochastic_depth"] = 0.0  # the schema's default
+    absent = copy.deepcopy(explicit)
+    del absent["train"]["resnet"]["model"]["stochastic_depth"]
+    sections = ("data", "train.resnet", "train.eval_train_size")
+    key = config.from_dict(explicit).fingerprint(*sections)
+    assert config.from_dict(absent).fingerprint(*sections) == key
+    assert load_with("train.resnet.model.stochastic_depth=0.1").fingerprint(*sections) != key
 
 
 # --- the command line ------------------------------------------------------------------------

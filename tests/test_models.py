@@ -86,9 +86,19 @@ def test_global_pooling_and_head_dropout_follow_the_arguments():
 
 def test_build_model_passes_the_layout_through():
     model = models.build_model(ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool", pooling="max",
-                                                 head_dropout=0.25))
+                                                 head_dropout=0.25, logit_scale=0.125))
     assert model.fc.in_features == 32 and isinstance(model.pool, nn.AdaptiveMaxPool2d)
-    assert model.head_dropout.p == 0.25
+    assert model.head_dropout.p == 0.25 and model.logit_scale == 0.125
+
+
+def test_logit_scale_multiplies_the_classifier_outputs():
+    torch.manual_seed(0)
+    plain = ResNet(4, [1]).eval()
+    scaled = ResNet(4, [1], logit_scale=0.125).eval()
+    scaled.load_state_dict(plain.state_dict())  # a plain float, not a buffer: the weights are the same
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), plain(x) * 0.125)
 
 
 def test_parameter_count_grows_with_width():
