@@ -1,5 +1,6 @@
 # make repro: install into .venv and run the whole pipeline (dvc repro).
 # make test:  install into .venv (with test tools) and run the tests.
+# make quick: every stage on the real data with one epoch per model, minutes on a CPU (ARGS: more -S).
 # make plots: `dvc plots show` as a page that works offline.
 VENV ?= .venv
 PYTHON ?= $(shell command -v python3)  # resolved before the venv goes first on PATH
@@ -8,7 +9,7 @@ BIN := $(abspath $(VENV))/bin
 # shell where it is not activated.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test test-fast seeds results plots install bench clean
+.PHONY: repro quick test test-fast seeds results plots install bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,12 @@ install: $(BIN)/.installed
 
 repro: install
 	$(BIN)/dvc repro
+
+# In a temporary copy of the project (dvc exp run --temp): the workspace keeps the committed run, and
+# `dvc exp show` lists the quick one beside it. Its MLflow runs go to the project's store as usual.
+QUICK := -S train.baseline.epochs=1 -S train.resnet.epochs=1
+quick: install
+	$(BIN)/dvc exp run --temp $(QUICK) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest

@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import config as config_module
 from pipeline.models import build_model, count_parameters
 from pipeline.paths import MODEL_NAMES
-from pipeline.train import device_name, make_optimizer, memory_format, select_device, train_step, uses_bf16
+from pipeline.device import device_name, memory_format, select_device, uses_bf16
+from pipeline.train import make_optimizer, train_step
 
 
 def training_flops_per_image(model_cfg) -> float:

@@ -95,7 +95,9 @@ class OptimizerConfig(Strict):
     weight_decay_scope: Literal["all", "weights"] = "all"
 
 
-class TrainConfig(Strict):
+class Recipe(Strict):
+    """How one model is trained: params' train.baseline or train.resnet."""
+
     model: Annotated[BaselineModelConfig | ResNetModelConfig, Field(discriminator="arch")]
     epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
     batch_size: Annotated[int, Field(strict=True, ge=1)] = 64
@@ -115,8 +117,9 @@ class TrainConfig(Strict):
     select_train_acc_max: Annotated[float, Field(gt=0.0, le=1.0)] = 0.92
 
 
+class TrainSection(Strict):
+    """Params' train section: the settings both trainings share, and each model's Recipe."""
 
-class TrainingConfig(Strict):
     experiment: str = "cifar10-resnet-vs-cnn"
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     # bf16 autocast or plain fp32; "auto": bf16 on CUDA GPUs and on CPUs with native bf16, else fp32.
@@ -131,11 +134,11 @@ class TrainingConfig(Strict):
     nproc: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
     # torch.compile the training step: faster steps on GPUs after a compile of tens of seconds.
     compile: bool = False
-    baseline: TrainConfig
-    resnet: TrainConfig
+    baseline: Recipe
+    resnet: Recipe
 
     @model_validator(mode="after")
-    def _batches_divide_among_processes(self) -> "TrainingConfig":
+    def _batches_divide_among_processes(self) -> "TrainSection":
         # Checked here, before torchrun starts any process: each takes an equal share of every batch.
         for name in ("baseline", "resnet"):
             batch = getattr(self, name).batch_size
@@ -171,7 +174,7 @@ class EvaluateConfig(Strict):
 
 class Config(Strict):
     data: DataConfig = DataConfig()
-    train: TrainingConfig
+    train: TrainSection
     evaluate: EvaluateConfig = EvaluateConfig()
 
     def fingerprint(self, *sections: str) -> str:

@@ -10,20 +10,25 @@ import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix
 from torch import nn
+from tqdm.auto import tqdm
 
 from pipeline.config import MAX_EPOCHS, Config
 from pipeline.data import Split
-from pipeline.train import memory_format, predict, score, to_device_tensor
+from pipeline.device import memory_format, to_device_tensor
+from pipeline.train import predict, score
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def evaluate_model(model: nn.Module, splits: dict[str, Split], device: torch.device, batch_size: int,
-                   num_classes: int, bf16: bool = False) -> dict:
+                   num_classes: int, bf16: bool = False, label: str = "model") -> dict:
     """Loss and accuracy on each split; per-class accuracy and confusion matrix on test."""
     model = model.to(device, memory_format=memory_format(device)).eval()
     result: dict = {}
+    images_total = sum(len(split.labels) for split in splits.values())
+    bar = tqdm(total=images_total, desc=f"scoring {label}", unit="img", unit_scale=True, leave=False)
     for name, split in splits.items():
+        bar.set_postfix(split=name)
         images, labels = to_device_tensor(split, device)
         logits = predict(model, images, batch_size, bf16)
         result[f"{name}_loss"], result[f"{name}_acc"] = score(logits, labels)
@@ -33,6 +38,8 @@ def evaluate_model(model: nn.Module, splits: dict[str, Split], device: torch.dev
             result["confusion"] = matrix
             result["predicted"] = predicted
             result["per_class_acc"] = (matrix.diagonal() / np.maximum(matrix.sum(1), 1)).tolist()
+        bar.update(len(split.labels))
+    bar.close()
     result["gap"] = result["train_acc"] - result["val_acc"]
     return result
 

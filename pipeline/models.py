@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
 
 from pipeline.config import BaselineModelConfig, ResNetModelConfig
 from pipeline.errors import ModelFileError
@@ -45,21 +46,6 @@ class BaselineCNN(nn.Module):
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)  # BN follows: no bias
-
-
-class StochasticDepth(nn.Module):
-    """Drops the whole residual branch of a sample with probability p while training (Huang et al., 2016)."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = torch.empty(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(keep)
-        return x * mask / keep  # rescaled so that eval mode needs no correction
 
 
 class Projection(nn.Module):
@@ -130,7 +116,8 @@ class BasicBlock(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.drop_path = StochasticDepth(drop_path)
+        # Drops the whole residual branch of a sample (Huang et al., 2016), rescaled so eval mode needs nothing.
+        self.drop_path = StochasticDepth(drop_path, mode="row")
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(Projection(in_channels, out_channels, stride),

@@ -162,7 +162,8 @@ def export_tried(path: Path = TRIED) -> Path:
         rows.append({
             "run": run.info.run_id[:8],
             "model": f"width {p.get('resnet.model.width')} blocks {p.get('resnet.model.blocks')} "
-                     f"{p.get('resnet.model.downsample', 'stride')}, {p.get('resnet.model.stem', 'conv')} stem",
+                     f"{p.get('resnet.model.downsample', 'stride')}, {p.get('resnet.model.stem', 'conv')} stem"
+                     + (f", logits x {scale}" if (scale := p.get("resnet.model.logit_scale", "1.0")) != "1.0" else ""),
             "dropout": p.get("resnet.model.dropout"), "head_dropout": p.get("resnet.model.head_dropout", "0.0"),
             "batch_size": p.get("resnet.batch_size"), "lr": p.get("resnet.optimizer.lr"),
             "final_lr_fraction": p.get("resnet.final_lr_fraction", "0.0"),

@@ -12,11 +12,13 @@ trained model: `StageLog` bounds and records every MLflow call, and the log-run 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import re
 import subprocess
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +36,7 @@ from pipeline.config import Config, flatten
 from pipeline.data import Split
 from pipeline.errors import PipelineError
 from pipeline.paths import MODEL_NAMES
-from pipeline.train import device_name
+from pipeline.device import device_name
 
 GROUP_TAG = "pipeline.group"
 PARENT_TAG = "pipeline.parent"
@@ -94,12 +96,21 @@ def failure_reason(exc: BaseException) -> str:
     return first[:200] + ("..." if len(first) > 200 else "")
 
 
+def quiet_store_logs() -> None:
+    """Keep the SQL store's INFO lines (table creation, migrations) out of the stages' output, unless
+    the user asked MLflow for them with MLFLOW_LOGGING_LEVEL."""
+    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def use_project_store() -> None:
     """Without MLFLOW_TRACKING_URI, record into mlflow.db at the project root.
 
     MLflow's own default is relative to the working directory, and DVC runs queued experiments in a
     temporary copy under .dvc/tmp/exps/ that it deletes afterwards, taking their runs with it.
     """
+    quiet_store_logs()
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return
     root = Path.cwd().resolve().as_posix().split("/.dvc/tmp/exps/")[0]
@@ -181,7 +192,7 @@ class StageLog:
 
     def epoch(self, record: dict) -> None:
         """fit's on_epoch: the epoch's metrics, at step = epoch."""
-        ok, _ = self.attempt(f"the metrics of epoch {record['epoch']}", mlflow.log_metrics, record,
+        ok, _ = self.attempt(f"the metrics of epoch {record['epoch']}", mlflow.log_metrics, epoch_metrics(record),
                               step=record["epoch"])
         if not ok:
             self.missed_epochs.append(int(record["epoch"]))
@@ -287,6 +298,22 @@ def parent_run(config: Config) -> str:
     return parent.info.run_id
 
 
+HEADLINE = ("val_acc", "train_running_acc", "train_acc", "test_acc")  # per model, on the parent run
+
+
+def summarize_parent(parent_run_id: str, metrics: dict) -> None:
+    """The headline of a pipeline on its parent run: each model's val, running and clean train and test
+    accuracy and whether the targets hold; the run then ends now, so that its duration spans the stages."""
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    figures = [mlflow.entities.Metric(f"{name}_{key}", float(metrics[name][key]), now, 0)
+               for name in MODEL_NAMES for key in HEADLINE]
+    tags = [mlflow.entities.RunTag("all_targets_hold", str(metrics["all_targets_hold"]).lower())]
+    client.log_batch(parent_run_id, metrics=figures, tags=tags)
+    if client.get_run(parent_run_id).info.status != "RUNNING":  # under `mlflow run`, it ends the run itself
+        client.set_terminated(parent_run_id, end_time=now)
+
+
 @contextmanager
 def stage_run(config: Config, stage: str, run_name: str, resume_run_id: str | None = None,
               parent_run_id: str | None = None, log: StageLog | None = None) -> Iterator[mlflow.ActiveRun]:
@@ -359,6 +386,17 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
     return info.model_uri
 
 
+# What a finished training records as final_<name> metrics: measurements only. Counts and choices
+# (epochs, the selected epoch, the parameter count) are params and tags, so that the run's charts open on
+# accuracies and losses.
+FINAL_METRICS = ("val_acc", "train_acc", "train_eval_acc", "val_loss", "train_loss", "train_time_s", "images_per_s")
+
+
+def epoch_metrics(record: dict) -> dict:
+    """An epoch's record as MLflow metrics: the epoch itself is the step, not a metric."""
+    return {k: v for k, v in record.items() if k != "epoch"}
+
+
 def call(what: str, fn, *args, **kwargs):
     """The plain caller for log_outcome: `what` is only a label, and a failure propagates."""
     return fn(*args, **kwargs)
@@ -372,9 +410,10 @@ def log_outcome(name: str, select: str, summary: dict, history: pd.DataFrame, mo
     Each record goes through `do(what, fn, *args)`: the train stage passes StageLog.do, which outlives
     a lost server and lists what it missed; log-run passes the plain `call` and fails as a whole.
     """
-    do("the final metrics", mlflow.log_metrics,
-       {f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-    do("the select tag", mlflow.set_tag, "select", f"{select} -> epoch {summary['selected_epoch']}")
+    do("the final metrics", mlflow.log_metrics, {f"final_{k}": summary[k] for k in FINAL_METRICS})
+    do("the selection tags", mlflow.set_tags, {"select": f"{select} -> epoch {summary['selected_epoch']}",
+                                               "selected_epoch": summary["selected_epoch"],
+                                               "parameters": summary["parameters"]})
     do("history.csv", mlflow.log_artifact, str(paths.history_file(name)))
     do("the learning curves", mlflow.log_figure, plots.learning_curves({name: history}), "learning_curves.png")
     return do("the model", log_model, model, example) if with_model else None

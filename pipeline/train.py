@@ -1,19 +1,18 @@
 """One training loop for both models: in-memory tensors, per-epoch checkpoints, a declared selection rule.
 
-Read it top to bottom: `fit` builds the model, optimizer and schedule from a TrainConfig, then
-each epoch trains (recording the running, training-mode accuracy that the problem statement's
-98%/92% refer to), scores a fixed train subset and the validation split in eval mode, applies
-the selection rule, writes a checkpoint and reports the epoch to a callback (MLflow).
+Read `fit` top to bottom: it builds the model, optimizer, schedule and weight average from a
+Recipe; then each epoch `train_epoch` trains (recording the running, training-mode accuracy
+that the problem statement's 98%/92% refer to), `evaluate` scores a fixed train subset and the
+validation split in eval mode, the `Selection` rule considers the epoch, the callback (MLflow)
+hears of it and the `Checkpoint` is written. Device and precision live in pipeline/device.py.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,34 +25,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pipeline import distributed
-from pipeline.config import TrainConfig, TrainingConfig
+from pipeline.config import Recipe, TrainSection
 from pipeline.data import Split
+from pipeline.device import autocast, memory_format, select_device, to_device_tensor, uses_bf16
 from pipeline.errors import ConfigError
 from pipeline.models import build_model, fit_to_data
 
 CHECKPOINT_VERSION = 4  # 4: loaded with weights_only (plain data only)
 WHITENING_IMAGES = 5000  # training images whose patches set a whitening stem
-
-
-def select_device(name: str, index: int = 0) -> torch.device:
-    """The device params ask for; under torchrun, GPU `index` is this process's (its LOCAL_RANK)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", index)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: set train.device to auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("train.device is 'mps' but Apple MPS is not available: set train.device to auto or cpu")
-    return torch.device("cuda", index) if name == "cuda" else torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -64,42 +43,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX); Linux only, else False."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to compute under bf16 autocast: params' `train.precision`, resolved for this device.
-
-    "auto" takes bf16 where it is fast: CUDA GPUs (tensor cores, and no loss scaling as fp16 would
-    need) and CPUs with native bf16, where oneDNN's convolutions run about twice as fast as in fp32
-    (measured on this project's 2-core AVX512-BF16 machine); elsewhere bf16 is emulated and slower.
-    """
-    if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    # NHWC is what cuDNN's tensor-core kernels and oneDNN's CPU kernels want (CPU fp32: 1.3x measured here).
-    return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
-
-
-def to_device_tensor(split: Split, device: torch.device) -> tuple[Tensor, Tensor]:
-    images = torch.from_numpy(split.images).to(device=device, dtype=torch.float32)
-    return images.contiguous(memory_format=memory_format(device)), torch.from_numpy(split.labels).to(device)
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 @torch.no_grad()
@@ -118,7 +61,7 @@ def score(logits: Tensor, labels: Tensor) -> tuple[float, float]:
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+def parameter_groups(model: nn.Module, cfg: Recipe) -> list[dict]:
     """One group, or two when weight decay applies to weights only: tensors of one dimension (biases,
     batch norm's scales and shifts) get none."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -128,7 +71,7 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Recipe, params) -> torch.optim.Optimizer:
     o = cfg.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
@@ -138,7 +81,7 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+def make_schedule(cfg: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):
     """Stepped once per batch."""
     peak, floor = cfg.optimizer.lr, cfg.final_lr_fraction
     if cfg.schedule == "cosine":
@@ -215,8 +158,89 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, processes: int = 1) 
     return chunks
 
 
-def is_selectable(cfg: TrainConfig, record: dict) -> bool:
-    return cfg.select != "best_val_under_target" or record["train_acc"] < cfg.select_train_acc_max
+@dataclass
+class Selection:
+    """The selection rule: which epoch's scored weights the stage keeps (`select` in params).
+
+    "last" keeps the last epoch; "best_val" the best validation accuracy; "best_val_under_target" the
+    best validation accuracy among epochs whose running training accuracy is under the bound.
+    """
+
+    rule: str
+    train_acc_max: float
+    epoch: int = 0
+    val_acc: float = -1.0
+    state: dict | None = None
+
+    def admits(self, record: dict) -> bool:
+        return self.rule != "best_val_under_target" or record["train_acc"] < self.train_acc_max
+
+    def consider(self, record: dict, scored: nn.Module) -> None:
+        if self.admits(record) and (self.rule == "last" or record["val_acc"] > self.val_acc):
+            self.epoch, self.val_acc, self.state = record["epoch"], record["val_acc"], _cpu_state(scored)
+
+    def fall_back_to_last(self, record: dict, scored: nn.Module) -> None:
+        """When the rule admitted no epoch (training accuracy never under the bound)."""
+        if self.state is None:
+            print(f"no epoch had train_acc < {self.train_acc_max}: selecting the last epoch")
+            self.epoch, self.val_acc, self.state = record["epoch"], record["val_acc"], _cpu_state(scored)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "val_acc": self.val_acc, "state": self.state}
+
+    def load_dict(self, saved: dict) -> None:
+        self.epoch, self.val_acc, self.state = saved["epoch"], saved["val_acc"], saved["state"]
+
+
+@dataclass
+class Checkpoint:
+    """The state of an unfinished run at `path`, written every epoch and tied to the params that made it.
+
+    `fingerprint` names those params: a checkpoint of other params is not resumed. `run_id` is the
+    MLflow run that a resumed training continues.
+    """
+
+    path: Path
+    fingerprint: str
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
+    def save(self, epoch: int, complete: bool, **state) -> None:
+        """Written to a temporary file, then renamed: a kill mid-write leaves the previous checkpoint intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "run_id": self.run_id,
+                    "epoch": epoch, "complete": complete, **state}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict | None:
+        """The checkpoint of an unfinished run of this exact configuration, or None (start afresh)."""
+        path = self.path
+        if not path.exists():
+            return None
+        try:
+            # weights_only: a checkpoint holds tensors, numbers, strings, lists and dicts only, and loading
+            # one must never run code from the file, whoever wrote it.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt, or holding more than plain data: not worth failing for, retrain
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            print(f"ignoring checkpoint {path}: it does not load as plain tensors and values ({reason}); "
+                  "training from scratch")
+            return None
+        if not isinstance(state, dict):
+            print(f"ignoring checkpoint {path}: not a checkpoint of this pipeline; training from scratch")
+            return None
+        if state.get("version") != CHECKPOINT_VERSION:
+            print(f"checkpoint {path} is from another version of this code; training from scratch")
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"checkpoint {path} is from other params; training from scratch")
+            return None
+        if state.get("complete"):
+            return None
+        return state
 
 
 @dataclass
@@ -229,16 +253,92 @@ class FitResult:
     state: dict = field(repr=False, default_factory=dict)
 
 
+def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                schedule, ema: EMA | None, x: Tensor, y: Tensor, epoch_batches: list[Tensor], bf16: bool,
+                bar: tqdm) -> dict:
+    """One pass over the batches in training mode. Returns the running (training-mode) loss and
+    accuracy, the learning rate of the last step and the images seen, summed over all processes."""
+    device = x.device
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, lr = 0, optimizer.param_groups[0]["lr"]
+    for step, index in enumerate(epoch_batches):
+        images, labels = x[index], y[index]
+        logits, loss = train_step(net, criterion, optimizer, images, labels, bf16)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        schedule.step()
+        if ema is not None:
+            ema.update(model)
+        # Running figures stay on the device: no host sync per step.
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.update()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+    seen = torch.tensor(seen, device=device)
+    distributed.all_reduce_sum(loss_sum, correct, seen)
+    seen = seen.item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "lr": lr, "seen": seen}
+
+
+def evaluate(scored: nn.Module, x_eval: Tensor, y_eval: Tensor, x_val: Tensor, y_val: Tensor,
+             batch_size: int, bf16: bool) -> dict:
+    """The scored weights in eval mode: on the fixed train subset ("clean" accuracy) and on validation."""
+    train_eval_loss, train_eval_acc = score(predict(scored, x_eval, batch_size, bf16), y_eval)
+    val_loss, val_acc = score(predict(scored, x_val, batch_size, bf16), y_val)
+    return {"train_eval_loss": train_eval_loss, "train_eval_acc": train_eval_acc,
+            "val_loss": val_loss, "val_acc": val_acc}
+
+
+def clean_subset(x: Tensor, y: Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A fixed, seeded subset of the train split (size 0: all of it), scored in eval mode every epoch."""
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:size or len(y)].to(x.device)
+    return x[pick], y[pick]
+
+
+def build_networks(cfg: Recipe, settings: TrainSection, device: torch.device, x_train: Tensor,
+                   fresh: bool) -> tuple[nn.Module, nn.Module]:
+    """(model, net): the model whose weights are averaged, scored and saved, and what the training
+    steps call: the model itself, or its DistributedDataParallel and compiled wrappers."""
+    model = build_model(cfg.model).to(device, memory_format=memory_format(device))
+    if fresh:
+        fit_to_data(model, x_train[:WHITENING_IMAGES])  # a resumed run takes these from its checkpoint
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not settings.deterministic
+    net = model
+    if distributed.context().enabled:
+        if device.type == "cuda":  # batch statistics over the global batch, as in one process
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        net = torch.compile(net)  # the training steps only: evaluation runs the plain module
+    return model, net
+
+
+def restore(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: EMA | None,
+            selection: Selection) -> list[dict]:
+    """Puts a checkpoint's state back into the training objects; returns the history so far."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    if ema is not None:
+        ema.load_state_dict(saved["ema"])
+    selection.load_dict(saved["best"])
+    return saved["history"]
+
+
 def fit(
-    cfg: TrainConfig,
-    settings: TrainingConfig,
+    cfg: Recipe,
+    settings: TrainSection,
     train: Split,
     val: Split,
-    checkpoint_path: Path,
-    fingerprint: str,
+    checkpoint: Checkpoint,
     on_epoch: Callable[[dict], None] | None = None,
     resume: dict | None = None,
-    run_id: str | None = None,
     progress: bool = True,
 ) -> FitResult:
     ctx = distributed.context()
@@ -249,169 +349,67 @@ def fit(
                           "(train.nproc): the global batch stays what params say")
     seed_everything(cfg.seed, settings.deterministic)
     bf16 = uses_bf16(settings.precision, device)
-    precision = "bf16" if bf16 else "fp32"
     x_train, y_train = to_device_tensor(train, device)
     x_val, y_val = to_device_tensor(val, device)
-    model = build_model(cfg.model).to(device, memory_format=memory_format(device))
-    fit_to_data(model, x_train[:WHITENING_IMAGES])  # replaced by the checkpoint's weights on resume
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not settings.deterministic
-    net = model  # what the training steps call
-    if ctx.enabled:
-        if device.type == "cuda":  # batch statistics over the global batch, as in one process
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if settings.compile:
-        net = torch.compile(net)  # the training steps only: evaluation runs the plain module
-
-    # A fixed, seeded subset of the train split, scored in eval mode: the "clean" training accuracy.
-    subset = settings.eval_train_size or len(y_train)
-    pick = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed))[:subset].to(device)
-    x_eval, y_eval = x_train[pick], y_train[pick]
+    model, net = build_networks(cfg, settings, device, x_train, fresh=resume is None)
+    x_eval, y_eval = clean_subset(x_train, y_train, settings.eval_train_size, cfg.seed)
 
     steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
     optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
     schedule = make_schedule(cfg, optimizer, cfg.epochs * steps_per_epoch)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    history: list[dict] = []
-    best = {"epoch": 0, "val_acc": -1.0, "state": None}
-    start_epoch = 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        history, best = resume["history"], resume["best"]
-        start_epoch = resume["epoch"] + 1
-        print(f"resuming from {checkpoint_path} after epoch {resume['epoch']} of {cfg.epochs}")
-
     scored = ema.module if ema is not None else model  # the weights that are evaluated and selected
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    selection = Selection(cfg.select, cfg.select_train_acc_max)
+    history: list[dict] = []
+    if resume is not None:
+        history = restore(resume, model, optimizer, schedule, ema, selection)
+        print(f"resuming from {checkpoint.path} after epoch {resume['epoch']} of {cfg.epochs}")
+
+    for epoch in range(resume["epoch"] + 1 if resume else 1, cfg.epochs + 1):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
         # Indices go to the device once per epoch: a copy per step would stall the GPU's queue every step.
         epoch_batches = [b[ctx.rank::ctx.world_size].to(device)  # this process's share of each global batch
                          for b in batches(len(y_train), cfg.batch_size, cfg.seed, epoch, ctx.world_size)]
-        bar = tqdm(epoch_batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not (progress and ctx.is_main))
-        for step, index in enumerate(bar):
-            images, labels = x_train[index], y_train[index]
-            logits, loss = train_step(net, criterion, optimizer, images, labels, bf16)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            schedule.step()
-            if ema is not None:
-                ema.update(model)
-            # Running figures stay on the device: no host sync per step.
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
-        bar.close()
-        seen = torch.tensor(seen, device=device)
-        distributed.all_reduce_sum(loss_sum, correct, seen)
-        seen = seen.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with tqdm(total=len(epoch_batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                  disable=not (progress and ctx.is_main)) as bar:
+            running = train_epoch(net, model, criterion, optimizer, schedule, ema, x_train, y_train,
+                                  epoch_batches, bf16, bar)
         train_time = time.perf_counter() - started
-
-        train_eval_loss, train_eval_acc = score(predict(scored, x_eval, settings.eval_batch_size, bf16), y_eval)
-        val_loss, val_acc = score(predict(scored, x_val, settings.eval_batch_size, bf16), y_val)
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen,
-            "train_eval_loss": train_eval_loss,
-            "train_eval_acc": train_eval_acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": lr,
-            "epoch_time_s": time.perf_counter() - started,
-            "images_per_s": seen / train_time,
-        }
+        scores = evaluate(scored, x_eval, y_eval, x_val, y_val, settings.eval_batch_size, bf16)
+        record = {"epoch": epoch, "train_loss": running["train_loss"], "train_acc": running["train_acc"], **scores,
+                  "lr": running["lr"], "epoch_time_s": time.perf_counter() - started,
+                  "images_per_s": running["seen"] / train_time}
         history.append(record)
         if not ctx.is_main:
             continue  # rank 0 alone selects, reports and checkpoints
-        if is_selectable(cfg, record) and (cfg.select == "last" or val_acc > best["val_acc"]):
-            best = {"epoch": epoch, "val_acc": val_acc, "state": _cpu_state(scored)}
-        print(
-            f"epoch {epoch:2d}/{cfg.epochs}  loss {record['train_loss']:.4f}  train acc {record['train_acc']:.4f} "
-            f"(eval {train_eval_acc:.4f})  val loss {val_loss:.4f}  val acc {val_acc:.4f}  "
-            f"{record['epoch_time_s']:.1f}s  {record['images_per_s']:.0f} img/s",
-            flush=True,
-        )
+        selection.consider(record, scored)
+        report(record, cfg.epochs)
         if on_epoch is not None:
             on_epoch(record)
-        save_checkpoint(checkpoint_path, {
-            "version": CHECKPOINT_VERSION,
-            "fingerprint": fingerprint,
-            "run_id": run_id,
-            "epoch": epoch,
-            "complete": epoch == cfg.epochs,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "history": history,
-            "best": best,
-        })
+        checkpoint.save(epoch, epoch == cfg.epochs, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        schedule=schedule.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                        history=history, best=selection.to_dict())
     distributed.shutdown()
     if not ctx.is_main:
-        return FitResult(model, history, history[-1]["epoch"], device, precision)
+        return FitResult(model, history, history[-1]["epoch"], device, "bf16" if bf16 else "fp32")
 
-    if best["state"] is None:
-        # The rule admitted no epoch (training accuracy never under the bound): fall back to the last.
-        print(f"no epoch had train_acc < {cfg.select_train_acc_max}: selecting the last epoch")
-        best = {"epoch": cfg.epochs, "val_acc": history[-1]["val_acc"], "state": _cpu_state(scored)}
+    selection.fall_back_to_last(history[-1], scored)
     selected = build_model(cfg.model).to(device, memory_format=memory_format(device))
-    selected.load_state_dict(best["state"])
+    selected.load_state_dict(selection.state)
     selected.eval()
-    return FitResult(selected, history, best["epoch"], device, precision, best["state"])
+    return FitResult(selected, history, selection.epoch, device, "bf16" if bf16 else "fp32", selection.state)
+
+
+def report(record: dict, epochs: int) -> None:
+    print(
+        f"epoch {record['epoch']:2d}/{epochs}  loss {record['train_loss']:.4f}  train acc {record['train_acc']:.4f} "
+        f"(eval {record['train_eval_acc']:.4f})  val loss {record['val_loss']:.4f}  val acc {record['val_acc']:.4f}  "
+        f"{record['epoch_time_s']:.1f}s  {record['images_per_s']:.0f} img/s",
+        flush=True,
+    )
 
 
 def _cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file, then renamed: a kill mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    """The checkpoint of an unfinished run of this exact configuration, or None (start afresh)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        # weights_only: a checkpoint holds tensors, numbers, strings, lists and dicts only, and loading
-        # one must never run code from the file, whoever wrote it.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, or holding more than plain data: not worth failing for, retrain
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        print(f"ignoring checkpoint {path}: it does not load as plain tensors and values ({reason}); "
-              "training from scratch")
-        return None
-    if not isinstance(state, dict):
-        print(f"ignoring checkpoint {path}: not a checkpoint of this pipeline; training from scratch")
-        return None
-    if state.get("version") != CHECKPOINT_VERSION:
-        print(f"checkpoint {path} is from another version of this code; training from scratch")
-        return None
-    if state.get("fingerprint") != fingerprint:
-        print(f"checkpoint {path} is from other params; training from scratch")
-        return None
-    if state.get("complete"):
-        return None
-    return state

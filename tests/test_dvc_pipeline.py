@@ -203,6 +203,45 @@ def test_make_repro_works_from_a_shell_without_the_venv_on_path(repo):
     assert json.loads((repo / "metrics/resnet.json").read_text())["epochs"] == 2
 
 
+def _values(tree, key: str):
+    """Every value stored under `key` anywhere in a nested JSON tree (dvc exp show --json)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == key:
+                yield v
+            yield from _values(v, key)
+    elif isinstance(tree, list):
+        for item in tree:
+            yield from _values(item, key)
+
+
+def test_make_quick_runs_every_stage_in_a_temporary_copy_and_leaves_the_workspace_alone(repo):
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / ".installed").exists():
+        pytest.skip("the tests do not run in a venv that `make install` made")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, repo / name)
+    sh(repo, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots")
+    sh(repo, "dvc", "checkout")
+    kept = ("params.yaml", "dvc.lock", "metrics/resnet.json", "metrics/evaluate.json", "models/resnet/model.pt")
+    before = {p: (repo / p).read_bytes() for p in kept}
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    plain = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    plain.update(PATH="/usr/local/bin:/usr/bin:/bin", MLFLOW_TRACKING_URI=store)
+    done = subprocess.run(["make", "quick", f"VENV={venv}"], cwd=repo, env=plain, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran_stages(done.stdout) == ["train_baseline", "train_resnet", "evaluate"], done.stdout
+    assert {p: (repo / p).read_bytes() for p in kept} == before, "the workspace keeps the committed run"
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    epochs = [m["data"]["epochs"] for m in _values(shown, "metrics/resnet.json") if "data" in m]
+    assert 1 in epochs and 2 in epochs, "dvc exp show lists the quick run beside the workspace's"
+    runs = MlflowClient(store).search_runs(
+        [e.experiment_id for e in MlflowClient(store).search_experiments()],
+        filter_string="tags.`dvc.stage` = 'train_resnet' and params.`resnet.epochs` = '1'")
+    assert runs, "the quick run's training is recorded in the project's MLflow store"
+
+
 def test_make_plots_writes_a_page_that_opens_without_internet(repo):
     venv = Path(sys.prefix)
     if shutil.which("npm") is None or not (venv / "bin" / ".installed").exists():

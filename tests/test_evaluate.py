@@ -53,6 +53,21 @@ def test_met_targets_give_the_champion_alias_and_it_predicts(trained):
     assert np.asarray(champion.predict(images)).shape == (8, 10)
 
 
+def test_the_parent_run_carries_the_headline_and_spans_the_stages(trained):
+    metrics = evaluate.run(config.load(overrides=EASY))
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(config.load().train.experiment)
+    evaluated = client.search_runs([experiment.experiment_id], "attributes.run_name = 'evaluate'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)[0]
+    parent = client.get_run(evaluated.data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics["resnet_val_acc"] == pytest.approx(metrics["resnet"]["val_acc"])
+    assert parent.data.metrics["baseline_train_running_acc"] == pytest.approx(
+        metrics["baseline"]["train_running_acc"])
+    assert parent.data.tags["all_targets_hold"] == "true"
+    assert parent.info.start_time <= evaluated.info.start_time <= parent.info.end_time, \
+        "the parent's duration covers its stages"
+
+
 def test_metrics_hold_before_after_figures_for_both_models(trained):
     evaluate.run(config.load(overrides=EASY))
     metrics = json.loads((paths.METRICS / "evaluate.json").read_text())

@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline import models
 from pipeline.config import BaselineModelConfig, ResNetModelConfig
-from pipeline.models import BaselineCNN, BasicBlock, ModelFileError, ResNet, StochasticDepth
+from pipeline.models import BaselineCNN, BasicBlock, ModelFileError, ResNet
 
 
 @pytest.fixture(autouse=True)
@@ -179,27 +179,6 @@ def test_fresh_resnet_blocks_start_as_the_identity():
 
 # --- stochastic depth and dropout -----------------------------------------------------------
 
-def test_stochastic_depth_is_the_identity_in_eval_mode():
-    layer = StochasticDepth(0.9).eval()
-    x = images(64, 4, 4)
-    assert torch.equal(layer(x), x)
-
-
-def test_stochastic_depth_drops_most_branches_in_train_mode_when_p_is_close_to_one():
-    layer = StochasticDepth(0.9).train()
-    x = torch.ones(2000, 4, 3, 3)
-    out = layer(x)
-    dropped = (out.flatten(1) == 0).all(1)
-    kept = (out.flatten(1) != 0).all(1)
-    assert bool((dropped | kept).all()), "a whole sample is dropped or kept, never part of it"
-    assert 0.85 < dropped.float().mean().item() < 0.95
-    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.1)), "kept samples are rescaled by 1/(1-p)"
-
-
-def test_stochastic_depth_with_p_zero_never_drops():
-    assert torch.equal(StochasticDepth(0.0).train()(torch.ones(100, 1, 1, 1)), torch.ones(100, 1, 1, 1))
-
-
 @pytest.mark.parametrize("in_channels,out_channels,stride", [(4, 4, 1), (4, 8, 2)], ids=["identity", "projection"])
 def test_block_in_train_mode_drops_the_branch_of_most_samples(in_channels, out_channels, stride):
     block = BasicBlock(in_channels, out_channels, stride=stride, drop_path=0.95).train()
@@ -222,6 +201,7 @@ def test_drop_path_grows_linearly_with_depth():
     model = ResNet(4, [2, 2], stochastic_depth=0.3)
     rates = [m.drop_path.p for m in model.modules() if isinstance(m, BasicBlock)]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert all(m.drop_path.mode == "row" for m in model.modules() if isinstance(m, BasicBlock)), "whole samples"
 
 
 def test_dropout_sits_in_every_residual_branch_only_when_dropout_is_positive():

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config, data, models, paths, tracking
 from pipeline.stages import download, normalize, train
-from pipeline.train import uses_bf16
+from pipeline.device import uses_bf16
 from tests.conftest import enter_project, tiny_params
 
 
@@ -48,7 +48,10 @@ def test_every_epoch_metric_has_one_point_per_epoch(trained_resnet):
         history = client.get_metric_history(tracked["run_id"], key)
         assert sorted(m.step for m in history) == [1, 2, 3], key
     assert run.data.metrics["final_val_acc"] == pytest.approx(summary["val_acc"])
-    assert run.data.metrics["final_selected_epoch"] == summary["selected_epoch"]
+    assert run.data.tags["selected_epoch"] == str(summary["selected_epoch"])
+    # Counts and choices are tags and params, not charts: the chart page opens on measurements.
+    assert not {"epoch", "final_epochs", "final_parameters", "final_selected_epoch"} & set(run.data.metrics)
+    assert run.data.tags["parameters"] == str(summary["parameters"])
 
 
 def test_run_is_tagged_with_provenance(trained_resnet):

@@ -23,12 +23,13 @@ import pytest
 import torch
 
 from pipeline import config, models, paths
-from pipeline.config import TrainConfig, TrainingConfig
+from pipeline.config import Recipe, TrainSection
 from pipeline.data import Split, load_split
 from pipeline.stages import download, normalize
 from pipeline.stages import train as train_stage
-from pipeline.train import (CHECKPOINT_VERSION, EMA, batches, cpu_has_native_bf16, fit, load_checkpoint, make_optimizer, make_schedule,
-                            parameter_groups, predict, score, train_step, uses_bf16)
+from pipeline.device import uses_bf16
+from pipeline.train import (CHECKPOINT_VERSION, EMA, Checkpoint, Selection, batches, fit, make_optimizer, make_schedule,
+                            parameter_groups, predict, score, train_step)
 from tests.conftest import ROOT, enter_project, tiny_params
 
 TIMING = ("epoch_time_s", "images_per_s")  # the only fields allowed to differ between identical runs
@@ -66,22 +67,23 @@ BASELINE = {"arch": "baseline", "widths": [8], "hidden": 32}
 RESNET = {"arch": "resnet", "width": 8, "blocks": [1]}
 
 
-def settings(**values) -> TrainingConfig:
+def settings(**values) -> TrainSection:
     # fp32: the exact premises below must not depend on whether the machine's CPU has native bf16.
-    return TrainingConfig.model_validate({
+    return TrainSection.model_validate({
         "device": "cpu", "precision": "fp32", "eval_train_size": 0, "eval_batch_size": 256, "log_model": False,
         "baseline": {"model": {"arch": "baseline"}}, "resnet": {"model": {"arch": "resnet"}}, **values,
     })
 
 
-def train_config(**values) -> TrainConfig:
-    return TrainConfig.model_validate({
+def train_config(**values) -> Recipe:
+    return Recipe.model_validate({
         "model": BASELINE, "epochs": 4, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.003}, **values,
     })
 
 
-def run_fit(tmp_path: Path, cfg: TrainConfig, train: Split = TRAIN, val: Split = VAL, **kwargs):
-    return fit(cfg, settings(), train, val, tmp_path / "checkpoint.pt", "fingerprint", progress=False, **kwargs)
+def run_fit(tmp_path: Path, cfg: Recipe, train: Split = TRAIN, val: Split = VAL, **kwargs):
+    return fit(cfg, settings(), train, val, Checkpoint(tmp_path / "checkpoint.pt", "fingerprint"), progress=False,
+               **kwargs)
 
 
 def without_timing(history: list[dict]) -> list[dict]:
@@ -157,6 +159,19 @@ def test_best_val_under_target_skips_epochs_at_or_over_the_train_acc_bound(tmp_p
     assert val_accuracy(result.model) == pytest.approx(history[expected - 1]["val_acc"])
 
 
+def test_selection_keeps_the_best_validation_epoch_the_rule_admits():
+    scored = torch.nn.Linear(2, 2)
+    records = [{"epoch": 1, "train_acc": 0.50, "val_acc": 0.60}, {"epoch": 2, "train_acc": 0.80, "val_acc": 0.70},
+               {"epoch": 3, "train_acc": 0.95, "val_acc": 0.90}, {"epoch": 4, "train_acc": 0.85, "val_acc": 0.65}]
+    kept = {}
+    for rule in ("last", "best_val", "best_val_under_target"):
+        selection = Selection(rule, train_acc_max=0.9)
+        for record in records:
+            selection.consider(record, scored)
+        kept[rule] = selection.epoch
+    assert kept == {"last": 4, "best_val": 3, "best_val_under_target": 2}
+
+
 def test_best_val_under_target_falls_back_to_the_last_epoch(tmp_path, capsys):
     last = run_fit(tmp_path, train_config(select="last"))
     assert min(r["train_acc"] for r in last.history) >= 0.01, "premise: no epoch trains below the bound"
@@ -191,20 +206,20 @@ def test_every_optimizer_and_schedule_trains(tmp_path, optimizer, schedule):
 def test_make_optimizer_builds_the_named_optimizer():
     params = [torch.nn.Parameter(torch.zeros(3))]
     base = {"model": BASELINE}
-    sgd = make_optimizer(TrainConfig.model_validate(
+    sgd = make_optimizer(Recipe.model_validate(
         {**base, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}}), params)
     assert type(sgd) is torch.optim.SGD and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
-    no_momentum = make_optimizer(TrainConfig.model_validate(
+    no_momentum = make_optimizer(Recipe.model_validate(
         {**base, "optimizer": {"name": "sgd", "momentum": 0.0, "nesterov": True}}), params)
     assert not no_momentum.defaults["nesterov"], "nesterov needs momentum: dropped rather than an error"
-    adam = make_optimizer(TrainConfig.model_validate({**base, "optimizer": {"name": "adam", "lr": 0.002}}), params)
-    adamw = make_optimizer(TrainConfig.model_validate(
+    adam = make_optimizer(Recipe.model_validate({**base, "optimizer": {"name": "adam", "lr": 0.002}}), params)
+    adamw = make_optimizer(Recipe.model_validate(
         {**base, "optimizer": {"name": "adamw", "weight_decay": 0.05}}), params)
     assert type(adam) is torch.optim.Adam and adam.defaults["lr"] == 0.002
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
 
 
-def scheduled_rates(cfg: TrainConfig, steps: int) -> list[float]:
+def scheduled_rates(cfg: Recipe, steps: int) -> list[float]:
     """The learning rate of each of `steps` optimizer steps under cfg's schedule."""
     optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
     schedule = make_schedule(cfg, optimizer, total_steps=steps)
@@ -289,8 +304,8 @@ def test_ema_weights_are_the_ones_evaluated_and_selected(tmp_path):
 
 def test_compiled_training_step_learns_like_the_eager_one(tmp_path):
     cfg = train_config(epochs=2)
-    eager = fit(cfg, settings(), SMALL_TRAIN, SMALL_VAL, tmp_path / "eager.pt", "f", progress=False)
-    compiled = fit(cfg, settings(compile=True), SMALL_TRAIN, SMALL_VAL, tmp_path / "compiled.pt", "f",
+    eager = fit(cfg, settings(), SMALL_TRAIN, SMALL_VAL, Checkpoint(tmp_path / "eager.pt", "f"), progress=False)
+    compiled = fit(cfg, settings(compile=True), SMALL_TRAIN, SMALL_VAL, Checkpoint(tmp_path / "compiled.pt", "f"),
                    progress=False)
     # Inductor fuses and reorders float arithmetic: close, not bit-identical.
     for ours, theirs in zip(eager.history, compiled.history):
@@ -299,13 +314,6 @@ def test_compiled_training_step_learns_like_the_eager_one(tmp_path):
 
 
 # --- precision --------------------------------------------------------------------------------
-
-def test_precision_auto_takes_bf16_on_cuda_and_on_cpus_with_native_bf16():
-    assert uses_bf16("auto", torch.device("cuda", 0))
-    assert uses_bf16("auto", torch.device("cpu")) == cpu_has_native_bf16()
-    assert not uses_bf16("auto", torch.device("mps"))
-    assert uses_bf16("bf16", torch.device("cpu")) and not uses_bf16("fp32", torch.device("cuda", 0))
-
 
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
 def test_train_step_computes_in_the_asked_precision(bf16):
@@ -320,7 +328,8 @@ def test_train_step_computes_in_the_asked_precision(bf16):
 
 def test_bf16_training_learns_and_is_scored_in_bf16(tmp_path):
     cfg = train_config(model=RESNET, epochs=6, optimizer={"name": "adam", "lr": 0.02}, select="last")
-    result = fit(cfg, settings(precision="bf16"), TRAIN, VAL, tmp_path / "checkpoint.pt", "f", progress=False)
+    result = fit(cfg, settings(precision="bf16"), TRAIN, VAL, Checkpoint(tmp_path / "checkpoint.pt", "f"),
+                 progress=False)
     assert result.precision == "bf16"
     assert result.history[-1]["train_loss"] < 0.5 * result.history[0]["train_loss"]
     assert result.history[-1]["val_acc"] > 0.7
@@ -440,8 +449,8 @@ def test_checkpoint_of_other_params_is_ignored(project, capsys):
 
     with pytest.raises(Interrupted):
         fit(cfg.train.baseline, cfg.train, load_split(paths.NORMALIZED, "train"), load_split(paths.NORMALIZED, "val"),
-            checkpoint, old_key, on_epoch=stop_in_epoch_two, run_id="run-of-other-params", progress=False)
-    assert load_checkpoint(checkpoint, old_key)["epoch"] == 1, "premise: the same params would resume"
+            Checkpoint(checkpoint, old_key, run_id="run-of-other-params"), on_epoch=stop_in_epoch_two, progress=False)
+    assert Checkpoint(checkpoint, old_key).load()["epoch"] == 1, "premise: the same params would resume"
 
     new = config.load(overrides=["train.baseline.optimizer.lr=0.002"])
     new_key = train_stage.fingerprint(new, name)
@@ -455,7 +464,7 @@ def test_checkpoint_of_other_params_is_ignored(project, capsys):
     assert json.loads(paths.model_tracking_file(name).read_text())["run_id"] != "run-of-other-params"
     final = torch.load(checkpoint, weights_only=False)
     assert final["fingerprint"] == new_key and final["complete"]
-    assert load_checkpoint(checkpoint, new_key) is None, "a finished run is not resumed"
+    assert Checkpoint(checkpoint, new_key).load() is None, "a finished run is not resumed"
 
 
 # --- resuming a killed run --------------------------------------------------------------------
@@ -570,7 +579,7 @@ def test_a_checkpoint_that_would_run_code_is_ignored_without_running_it(tmp_path
     marker = tmp_path / "marker"
     path = tmp_path / "checkpoint.pt"
     torch.save({"version": CHECKPOINT_VERSION, "fingerprint": "f", "payload": _RunsCode(marker)}, path)
-    assert load_checkpoint(path, "f") is None
+    assert Checkpoint(path, "f").load() is None
     assert not marker.exists(), "loading the checkpoint ran code from it"
     assert f"ignoring checkpoint {path}: it does not load as plain tensors and values" in capsys.readouterr().out
 
@@ -583,20 +592,20 @@ def test_a_checkpoint_error_without_a_message_is_reported_by_its_type(tmp_path, 
         raise EOFError()  # what a reader may raise on an empty or cut file, with no message
 
     monkeypatch.setattr(torch, "load", fails_silently)
-    assert load_checkpoint(path, "f") is None
+    assert Checkpoint(path, "f").load() is None
     assert "does not load as plain tensors and values (EOFError)" in capsys.readouterr().out
 
 
 def test_a_checkpoint_that_is_not_a_mapping_is_ignored(tmp_path, capsys):
     path = tmp_path / "checkpoint.pt"
     torch.save([1, 2, 3], path)
-    assert load_checkpoint(path, "f") is None
+    assert Checkpoint(path, "f").load() is None
     assert "not a checkpoint of this pipeline" in capsys.readouterr().out
 
 
 def test_weight_decay_scope_weights_leaves_norms_and_biases_undecayed():
     model = models.build_model(config.ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool"))
-    cfg = TrainConfig.model_validate({"model": {"arch": "resnet", "width": 4, "blocks": [1, 0, 1],
+    cfg = Recipe.model_validate({"model": {"arch": "resnet", "width": 4, "blocks": [1, 0, 1],
                                                 "downsample": "pool"},
                                       "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4,
                                                     "weight_decay_scope": "weights"}})
@@ -605,7 +614,7 @@ def test_weight_decay_scope_weights_leaves_norms_and_biases_undecayed():
     assert decayed["weight_decay"] == 5e-4 and undecayed["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in undecayed["params"])
     assert len(decayed["params"]) + len(undecayed["params"]) == len(list(model.parameters()))
-    everything = TrainConfig.model_validate({**cfg.model_dump(), "optimizer": {"name": "sgd", "weight_decay": 5e-4}})
+    everything = Recipe.model_validate({**cfg.model_dump(), "optimizer": {"name": "sgd", "weight_decay": 5e-4}})
     assert len(parameter_groups(model, everything)) == 1
 
 

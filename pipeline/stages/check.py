@@ -15,7 +15,7 @@ PASSED = "params.yaml is valid and this machine can run it\n"
 def preflight(config: Config) -> None:
     """What the params need of this machine, checked before any process starts or MLflow run opens.
     (The params themselves were validated when `config` was loaded.)"""
-    from pipeline.train import select_device
+    from pipeline.device import select_device
 
     select_device(config.train.device)  # refuses cuda or mps where there is none
 

@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.data import replacing_dir
 from pipeline.models import ModelFileError
 from pipeline.stages.train import fingerprint
-from pipeline.train import device_name, select_device, uses_bf16
+from pipeline.device import device_name, select_device, uses_bf16
 
 CHAMPION = "champion"
 
@@ -47,7 +47,9 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     for name in paths.MODEL_NAMES:
         model, summary, histories[name], tracked[name] = _trained(config, name)
         rows[name] = evaluate.evaluate_model(model, splits, device, config.train.eval_batch_size, len(classes),
-                                             uses_bf16(config.train.precision, device))
+                                             uses_bf16(config.train.precision, device), label=name)
+        print(f"{name}: train acc {rows[name]['train_acc']:.4f}, val acc {rows[name]['val_acc']:.4f}, "
+              f"test acc {rows[name]['test_acc']:.4f}", flush=True)
         rows[name]["trained"] = summary
         if tracked[name].get("complete") is False:  # the tracking server was lost during training
             missing = "; ".join(tracked[name].get("not_logged", []))
@@ -92,14 +94,19 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     paths.METRICS.mkdir(exist_ok=True)
     (paths.METRICS / "evaluate.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    with tracking.stage_run(config, "evaluate", run_name="evaluate", parent_run_id=parent_run_id):
+    print(f"wrote {paths.REPORTS}/, {paths.PLOTS / 'evaluate'}/ and {paths.METRICS / 'evaluate.json'}; "
+          "recording the evaluate run in MLflow", flush=True)
+    with tracking.stage_run(config, "evaluate", run_name="evaluate", parent_run_id=parent_run_id) as run:
         mlflow.set_tags({f"{name}.run_id": tracked[name]["run_id"] for name in paths.MODEL_NAMES})
         mlflow.set_tags({**tracking.data_tags(stats), "all_targets_hold": str(all_hold).lower()})
         mlflow.log_metrics({f"{name}_{k}": v for name in paths.MODEL_NAMES for k, v in metrics[name].items()
-                            if isinstance(v, (int, float))})
+                            if k not in ("selected_epoch", "parameters")})  # counts: in evaluate.json
         mlflow.log_artifacts(str(paths.REPORTS), artifact_path="report")
         mlflow.log_dict(metrics, "evaluate.json")
         registered = _register(config, tracked["resnet"]["model_uri"], all_hold)
+        parent = parent_run_id or run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            tracking.summarize_parent(parent, metrics)
     print(table.to_string())
     print("all targets hold" if all_hold else "not every target holds: see reports/report.md")
     if registered:

@@ -53,7 +53,8 @@ def run(config: Config, name: str) -> str:
             tracking.log_datasets(splits, stats, source=str(paths.NORMALIZED))
             now = int(time.time() * 1000)
             points = [mlflow.entities.Metric(key, float(value), now, int(row["epoch"]))
-                      for row in history.to_dict("records") for key, value in row.items()]
+                      for row in history.to_dict("records")
+                      for key, value in tracking.epoch_metrics(row).items()]
             for start in range(0, len(points), 1000):  # MLflow's limit per batch
                 client.log_batch(run_id, metrics=points[start:start + 1000])
             model_uri = tracking.log_outcome(name, train_cfg.select, summary, history, model,

@@ -19,7 +19,8 @@ from pipeline import data, evaluate, models, paths, tracking
 from pipeline.config import Config
 from pipeline.errors import ModelFileError
 from pipeline.stages.train import fingerprint
-from pipeline.train import fit, load_checkpoint, select_device, uses_bf16
+from pipeline.device import select_device, uses_bf16
+from pipeline.train import Checkpoint, fit
 
 FIGURES = ("val_acc", "test_acc", "train_running_acc", "train_acc", "selected_epoch", "train_time_s")
 SEEDS_FILE = paths.METRICS / "seeds.json"
@@ -50,16 +51,17 @@ def train_seed(config: Config, progress: bool) -> dict:
     seed, cfg = config.train.resnet.seed, config.train.resnet
     splits = {name: data.load_split(paths.NORMALIZED, name) for name in data.SPLITS}
     key = fingerprint(config, "resnet")
-    checkpoint = paths.CHECKPOINTS / f"resnet-seed{seed}.pt"
-    resume = load_checkpoint(checkpoint, key)
+    checkpoint = Checkpoint(paths.CHECKPOINTS / f"resnet-seed{seed}.pt", key)
+    resume = checkpoint.load()
     log = tracking.StageLog("resnet")
     with tracking.stage_run(config, "seeds", run_name=f"resnet seed {seed}",
                             resume_run_id=resume["run_id"] if resume else None, log=log) as run:
         if resume is None:
             mlflow.set_tags({"model": "resnet", "seed": str(seed)})
             tracking.log_params(tracking.training_params(config, "resnet"))
-        result = fit(cfg, config.train, splits["train"], splits["val"], checkpoint, key, on_epoch=log.epoch,
-                     resume=resume, run_id=run.info.run_id, progress=progress)
+        checkpoint.run_id = run.info.run_id
+        result = fit(cfg, config.train, splits["train"], splits["val"], checkpoint, on_epoch=log.epoch,
+                     resume=resume, progress=progress)
         scored = evaluate.evaluate_model(result.model, splits, result.device, config.train.eval_batch_size,
                                          len(evaluate.CIFAR10_CLASSES), result.precision == "bf16")
         chosen = next(r for r in result.history if r["epoch"] == result.selected_epoch)
@@ -72,7 +74,9 @@ def train_seed(config: Config, progress: bool) -> dict:
             "selected_epoch": result.selected_epoch,
             "train_time_s": sum(r["epoch_time_s"] for r in result.history),
         }
-        log.do("the seed's figures", mlflow.log_metrics, {f"final_{k}": v for k, v in row.items() if k != "seed"})
+        log.do("the seed's figures", mlflow.log_metrics,
+               {f"final_{k}": v for k, v in row.items() if k not in ("seed", "selected_epoch")})
+        log.do("the selected epoch", mlflow.set_tag, "selected_epoch", result.selected_epoch)
     return row
 
 

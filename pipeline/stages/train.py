@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipeline import data, distributed, models, paths, tracking
 from pipeline.config import Config
-from pipeline.train import fit, load_checkpoint
+from pipeline.train import Checkpoint, fit
 
 
 def fingerprint(config: Config, name: str) -> str:
@@ -25,11 +25,11 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
     val = data.load_split(paths.NORMALIZED, "val")
     stats = data.load_stats(paths.NORMALIZED)
     key = fingerprint(config, name)
-    checkpoint = paths.checkpoint_file(name)
-    resume = load_checkpoint(checkpoint, key)
+    checkpoint = Checkpoint(paths.checkpoint_file(name), key)
+    resume = checkpoint.load()
     if not distributed.context().is_main:
         # Another rank of a torchrun job: it trains its share; rank 0 writes the outputs and MLflow records.
-        fit(train_cfg, config.train, train, val, checkpoint, key, resume=resume, progress=False)
+        fit(train_cfg, config.train, train, val, checkpoint, resume=resume, progress=False)
         return {}
     tracking.require_tracking(f"train_{name}")  # a tracking server that is down stops the stage before training
 
@@ -42,11 +42,9 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
             tracking.log_params(tracking.training_params(config, name))
             tracking.log_datasets({"train": train, "val": val}, stats, source=str(paths.NORMALIZED))
 
-        result = fit(
-            train_cfg, config.train, train, val, checkpoint, key,
-            on_epoch=log.epoch,
-            resume=resume, run_id=run.info.run_id, progress=progress,
-        )
+        checkpoint.run_id = run.info.run_id
+        result = fit(train_cfg, config.train, train, val, checkpoint, on_epoch=log.epoch, resume=resume,
+                     progress=progress)
         log.do("the device tags", mlflow.set_tags, {"device": tracking.environment_tags(result.device)["device"],
                                                     "precision": result.precision})
         history = pd.DataFrame(result.history)
