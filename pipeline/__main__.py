@@ -7,7 +7,10 @@ Overrides apply to this invocation only; params.yaml is not changed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -15,7 +18,7 @@ from typing import Iterator
 
 from pipeline import config as config_module
 from pipeline.errors import PipelineError
-from pipeline.paths import CHECKPOINTS, MODEL_NAMES
+from pipeline.paths import CHECKPOINTS, METRICS, MODEL_NAMES
 
 STAGES = {
     "check": "validate params.yaml and check that this machine can run it (DVC runs it before every stage)",
@@ -25,23 +28,11 @@ STAGES = {
     "evaluate": "compare both models on train/validation/test, write the report, register the ResNet",
     "log-run": "record a finished training stage's outputs as a new MLflow run (after a lost tracking server)",
     "all": "run every stage in order, all in one MLflow parent run",
+    "repro": "the DVC pipeline with these overrides (dvc exp run -S ...): what `mlflow run .` calls",
     "seeds": "train the ResNet of params.yaml with each of --seeds; write their mean and std to metrics/seeds.json",
 }
 
 MODEL_STAGES = ("train", "log-run")  # the stages that take a model name
-
-# Shortcuts for the most-changed training params, shared with the MLproject entry points.
-# Each maps to train.<model>.<key>; an empty value means "as params.yaml says".
-SHORTCUTS = {
-    "epochs": "epochs",
-    "lr": "optimizer.lr",
-    "batch_size": "batch_size",
-    "weight_decay": "optimizer.weight_decay",
-    "label_smoothing": "label_smoothing",
-    "dropout": "model.dropout",
-    "seed": "seed",
-}
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -55,8 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("model", nargs="?", choices=MODEL_NAMES, help="for train and log-run: which model")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, as in `dvc exp run -S` (repeatable)")
-    parser.add_argument("--set-list", default="", metavar="'K=V K=V'",
-                        help="several overrides in one space-separated string (for MLproject)")
+    # MLproject's `set` parameter: several -S overrides in one shell-quoted string (hidden: people use -S).
+    parser.add_argument("--set-list", default="", help=argparse.SUPPRESS)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
                         help="a named configuration merged over the params, e.g. configs/problem_recipe.yaml")
@@ -65,32 +56,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "the pipeline's run when its outputs match")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     parser.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)  # set by `all` for torchrun children
-    for name in SHORTCUTS:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", metavar="VALUE",
-                            help=f"train.<model>.{SHORTCUTS[name]} (for train: the chosen model; for all: "
-                            + ("the resnet" if name == "dropout" else "both models") + ")")
     args = parser.parse_args(argv)
     if args.stage in MODEL_STAGES and args.model is None:
         parser.error(f"{args.stage} needs a model: python -m pipeline {args.stage} {{baseline,resnet}}")
     if args.stage not in MODEL_STAGES and args.model is not None:
         parser.error(f"'{args.model}' is only taken by train and log-run")
     return args
-
-
-def shortcut_overrides(args: argparse.Namespace) -> list[str]:
-    targets = [args.model] if args.model else list(MODEL_NAMES)
-    overrides = []
-    for name, key in SHORTCUTS.items():
-        value = str(getattr(args, name)).strip()
-        if not value:
-            continue
-        for model in targets:
-            if name == "dropout" and model == "baseline":
-                if args.model == "baseline":
-                    raise config_module.ConfigError("--dropout: the baseline CNN has no dropout (it is the 'before')")
-                continue
-            overrides.append(f"train.{model}.{key}={value}")
-    return overrides
 
 
 @contextmanager
@@ -120,7 +91,44 @@ def torchrun(nproc: int, argv: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "pipeline", *argv]
     print(f"train.nproc={nproc}: {' '.join(command)}", flush=True)
-    return subprocess.run(command).returncode
+    return run_child(command)
+
+
+def run_child(command: list[str], env: dict | None = None) -> int:
+    """Run a command that our Ctrl-C or SIGTERM stops cleanly: it gets SIGINT, as from a terminal, in its own
+    process group (DVC's stage, torchrun's ranks), and we wait for its own cleanup before unwinding."""
+    try:
+        child = subprocess.Popen(command, env=env, start_new_session=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{command[0]} not found: install the project (make install) and run from its venv") \
+            from None
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait()
+        raise
+
+
+def dvc_experiment(overrides: list[str]) -> int:
+    """`dvc exp run -S ...`: DVC reruns the stages whose inputs changed and takes the rest from its cache,
+    so `mlflow run .` and `dvc repro` share outputs instead of overwriting each other's. Under `mlflow run`,
+    the stages' MLflow runs are nested under its run."""
+    from pipeline import tracking
+
+    env = dict(os.environ)
+    parent = env.pop("MLFLOW_RUN_ID", None)  # each stage opens its own run, under this one
+    if parent:
+        env[tracking.PARENT_RUN_ENV] = parent
+    bin_dir = os.path.dirname(sys.executable)  # DVC runs each stage with the python first on PATH: this one
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    command = ["dvc", "exp", "run", *[arg for override in overrides for arg in ("-S", override)]]
+    print(" ".join(shlex.quote(part) for part in command), flush=True)
+    returncode = run_child(command, env)
+    if returncode == 0 and parent:
+        # Also when DVC took every stage from its cache and no stage run was opened under this one.
+        tracking.summarize_parent(parent, json.loads((METRICS / "evaluate.json").read_text()))
+    return returncode
 
 
 def train_in_all(config, model: str, args: argparse.Namespace, overrides: list[str], parent: str,
@@ -136,11 +144,27 @@ def train_in_all(config, model: str, args: argparse.Namespace, overrides: list[s
     return torchrun(config.train.nproc, child) == 0
 
 
+def stop_cleanly_on_signals() -> None:
+    """SIGTERM (what `mlflow run` sends its command on Ctrl-C, as do schedulers) unwinds like Ctrl-C.
+
+    The first SIGINT or SIGTERM raises KeyboardInterrupt; later ones are ignored, so that the unwinding
+    (the MLflow run marked FAILED rather than left RUNNING, the message on how to resume) is not cut
+    short by the second signal that `mlflow run` sends right after the first.
+    """
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        overrides = shortcut_overrides(args) + args.set_list.split() + args.overrides
+        overrides = shlex.split(args.set_list) + args.overrides
         config = config_module.load(args.params, overrides, args.overlay)
         progress = not args.no_progress
         if not progress:
@@ -173,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "seeds":
             check.preflight(config)
             seeds.run(config, args.seeds, progress=progress)
+        elif args.stage == "repro":
+            if args.overlay or args.params != "params.yaml":
+                raise PipelineError("repro runs DVC, which reads params.yaml only: give changes as -S key=value")
+            check.preflight(config)
+            return dvc_experiment(overrides)
         else:
             check.preflight(config)
             tracking.require_tracking("all")  # before the data stages
@@ -192,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is checkpointed; rerun to resume", file=sys.stderr)
+        print("interrupted: the last finished epoch is checkpointed; rerun the same command to resume",
+              file=sys.stderr)
         return 130
     return 0
 
 
 if __name__ == "__main__":
+    stop_cleanly_on_signals()
     sys.exit(main())

@@ -158,16 +158,22 @@ def export_tried(path: Path = TRIED) -> Path:
             continue
         under = history[history["train_acc"] < 0.92]
         best = under.loc[under["val_acc"].idxmax()] if len(under) else None
-        p = run.data.params
+        params = run.data.params
+
+        def param(key: str, default: str | None = None) -> str | None:
+            # Older runs hold `resnet.<key>` (and, from MLproject's former shortcut parameters, an `epochs`
+            # that is not the recipe's): the prefixed name wins where it exists.
+            return params.get(f"resnet.{key}", params.get(key, default))
+
         rows.append({
             "run": run.info.run_id[:8],
-            "model": f"width {p.get('resnet.model.width')} blocks {p.get('resnet.model.blocks')} "
-                     f"{p.get('resnet.model.downsample', 'stride')}, {p.get('resnet.model.stem', 'conv')} stem"
-                     + (f", logits x {scale}" if (scale := p.get("resnet.model.logit_scale", "1.0")) != "1.0" else ""),
-            "dropout": p.get("resnet.model.dropout"), "head_dropout": p.get("resnet.model.head_dropout", "0.0"),
-            "batch_size": p.get("resnet.batch_size"), "lr": p.get("resnet.optimizer.lr"),
-            "final_lr_fraction": p.get("resnet.final_lr_fraction", "0.0"),
-            "ema_decay": p.get("resnet.ema_decay"), "epochs_planned": p.get("resnet.epochs"),
+            "model": f"width {param('model.width')} blocks {param('model.blocks')} "
+                     f"{param('model.downsample', 'stride')}, {param('model.stem', 'conv')} stem"
+                     + (f", logits x {scale}" if (scale := param("model.logit_scale", "1.0")) != "1.0" else ""),
+            "dropout": param("model.dropout"), "head_dropout": param("model.head_dropout", "0.0"),
+            "batch_size": param("batch_size"), "lr": param("optimizer.lr"),
+            "final_lr_fraction": param("final_lr_fraction", "0.0"),
+            "ema_decay": param("ema_decay"), "epochs_planned": param("epochs"),
             "epochs_run": len(history),
             "best_epoch_under_92": int(best.name) if best is not None else None,
             "val_acc": best["val_acc"] if best is not None else None,

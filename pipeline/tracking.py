@@ -44,6 +44,9 @@ INCOMPLETE_TAG = "pipeline.incomplete"  # on a run that a lost server left witho
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # what the UI opens on
 RELOGGED_FROM_TAG = "pipeline.relogged_from"  # on a run made by log-run: the run it replaces
 RELOGGED_AS_TAG = "pipeline.relogged_as"  # on the replaced run, when the server still has it
+# Set by `python -m pipeline repro` (MLproject's main entry point) for the stages DVC runs: the run of
+# `mlflow run`, under which each stage's run is nested.
+PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
 
 # MLflow reads its HTTP retry settings at each request. Its defaults (7 retries, exponential backoff,
 # 120 s timeout) suit a rate-limited hosted service but make a dead self-hosted server cost minutes
@@ -320,8 +323,9 @@ def stage_run(config: Config, stage: str, run_name: str, resume_run_id: str | No
     """Open the MLflow run of one stage.
 
     Inside `mlflow run` (MLFLOW_RUN_ID set) that run is the stage's run. A resumed training
-    stage continues its own run. Otherwise a new run is nested under the parent run of this
-    configuration's group (`parent_run_id`, or one found or created by the group tag).
+    stage continues its own run. Otherwise a new run is nested under `parent_run_id`, else under the
+    run named by PIPELINE_PARENT_RUN_ID (MLproject's main entry point, through DVC), else under the
+    parent run of this configuration's group, found or created by the group tag.
     MLflow's HTTP calls are bounded (STAGE_HTTP) inside. With a `log`, ending the run cannot fail
     the stage: a run whose end the server did not record stays RUNNING there and is reported.
     """
@@ -332,7 +336,7 @@ def stage_run(config: Config, stage: str, run_name: str, resume_run_id: str | No
         if resume_run_id is not None:
             run = mlflow.start_run(run_id=resume_run_id)
         else:
-            parent = parent_run_id or parent_run(config)
+            parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or parent_run(config)
             # Children live in their parent's experiment (under `mlflow run`, the one it was given).
             experiment_id = MlflowClient().get_run(parent).info.experiment_id
             run = mlflow.start_run(run_name=run_name, parent_run_id=parent, experiment_id=experiment_id, tags=tags)
@@ -353,10 +357,12 @@ def stage_run(config: Config, stage: str, run_name: str, resume_run_id: str | No
 
 
 def training_params(config: Config, name: str) -> dict:
-    """The params a training run records: data, the shared train settings and its own model's section."""
+    """The params a training run records: data, the shared train settings, and its own model's recipe
+    without the `train.<model>.` prefix (`epochs`, `optimizer.lr`, `model.width`), so that MLflow's
+    Compare runs lines the two models up; the run's `model` tag says which one it is."""
     return {"data": config.data.model_dump(mode="json"),
             "train": {k: v for k, v in config.train.model_dump(mode="json").items() if k not in MODEL_NAMES},
-            name: getattr(config.train, name).model_dump(mode="json")}
+            **getattr(config.train, name).model_dump(mode="json")}
 
 
 def log_params(params: dict) -> None:

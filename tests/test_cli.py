@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -65,3 +67,39 @@ def test_all_stopped_by_bad_data_leaves_no_mlflow_run(tmp_path, archive_url):
     assert done.returncode == 2 and "md5 mismatch" in done.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_sigterm_stops_a_training_like_ctrl_c_and_marks_its_mlflow_run_failed(tmp_path, archive_url, tiny_archive):
+    # `mlflow run` answers Ctrl-C by terminating its command: the run must not stay RUNNING in MLflow.
+    params = tiny_params(archive_url, tiny_archive[1])
+    params["train"]["resnet"].update(model={"arch": "resnet", "width": 16, "blocks": [1, 1]}, epochs=30)
+    write_params(tmp_path, params)
+    for stage in ("download", "normalize"):
+        assert run_cli(stage, cwd=tmp_path).returncode == 0
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store}
+    env.pop("MLFLOW_RUN_ID", None)
+    training = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "resnet", "--no-progress"], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / paths.checkpoint_file("resnet")
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert training.poll() is None, "training ended before it could be stopped: " + training.communicate()[1]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    training.send_signal(signal.SIGTERM)
+    _, err = training.communicate(timeout=120)
+    assert training.returncode == 130, err
+    assert "interrupted: the last finished epoch is checkpointed; rerun the same command to resume" in err
+    client = MlflowClient(store)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.`dvc.stage` = 'train_resnet'")
+    assert run.info.status == "FAILED"
+
+
+def test_repro_refuses_what_dvc_cannot_read(tmp_path, archive_url, tiny_archive):
+    write_params(tmp_path, tiny_params(archive_url, tiny_archive[1]))
+    (tmp_path / "overlay.yaml").write_text("train:\n  resnet:\n    epochs: 1\n")
+    result = run_cli("repro", "--overlay", "overlay.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "repro runs DVC, which reads params.yaml only: give changes as -S key=value" in result.stderr

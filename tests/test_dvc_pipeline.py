@@ -238,7 +238,7 @@ def test_make_quick_runs_every_stage_in_a_temporary_copy_and_leaves_the_workspac
     assert 1 in epochs and 2 in epochs, "dvc exp show lists the quick run beside the workspace's"
     runs = MlflowClient(store).search_runs(
         [e.experiment_id for e in MlflowClient(store).search_experiments()],
-        filter_string="tags.`dvc.stage` = 'train_resnet' and params.`resnet.epochs` = '1'")
+        filter_string="tags.`dvc.stage` = 'train_resnet' and params.epochs = '1'")
     assert runs, "the quick run's training is recorded in the project's MLflow store"
 
 

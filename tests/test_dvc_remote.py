@@ -179,7 +179,7 @@ def test_queued_experiments_record_into_the_project_store_by_default(pushed, swe
         runs = mlflow.search_runs(experiment_names=["cifar10-resnet-vs-cnn"], output_format="list")
     finally:
         mlflow.set_tracking_uri(None)
-    seeds = [r.data.params.get("resnet.seed") for r in runs if r.data.tags.get("dvc.stage") == "train_resnet"]
+    seeds = [r.data.params.get("seed") for r in runs if r.data.tags.get("dvc.stage") == "train_resnet"]
     assert sorted(seeds) == ["0"] + [str(s) for s in SWEEP]
 
 

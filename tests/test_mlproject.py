@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,17 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def mlproject(tmp_path, archive_url, tiny_archive) -> Path:
-    for name in ("MLproject", "python_env.yaml"):
+    """The project's MLproject and DVC pipeline with tiny params, in a git repository (the main entry point
+    drives `dvc exp run`, which needs one)."""
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("MLproject", "python_env.yaml", "dvc.yaml", ".gitignore", "data/.gitignore"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     write_params(tmp_path, tiny_params(archive_url, tiny_archive[1]))
+    for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
+                    [str(BIN / "dvc"), "config", "core.analytics", "false"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny project"]):
+        subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
     return tmp_path
 
 
@@ -40,32 +49,45 @@ def runs(directory: Path) -> list:
         mlflow.set_tracking_uri(None)
 
 
-def test_main_entry_point_runs_the_pipeline_with_an_override(mlproject):
-    done = mlflow_run(mlproject, "-P", "epochs=1", "-P", "lr=0.02")
-    assert done.returncode == 0, done.stderr
+def test_main_entry_point_runs_the_dvc_pipeline_with_overrides_under_its_run(mlproject):
+    # -S syntax, space-separated; a value with spaces is quoted.
+    overrides = "train.resnet.epochs=1 train.baseline.optimizer.lr=0.02 'train.resnet.model.blocks=[1, 1]'"
+    done = mlflow_run(mlproject, "-P", f"set={overrides}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Running stage 'train_resnet'" in done.stdout, "DVC ran the stages"
     recorded = runs(mlproject)
     parent = next(r for r in recorded if "mlflow.parentRunId" not in r.data.tags)
-    assert parent.data.params["epochs"] == "1" and parent.data.params["lr"] == "0.02"
+    assert shlex.split(parent.data.params["set"]) == [overrides]  # MLflow records the value shell-quoted
     children = {r.data.tags["dvc.stage"]: r for r in recorded if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"train_baseline", "train_resnet", "evaluate"}
-    assert children["train_resnet"].data.params["resnet.epochs"] == "1"
-    assert children["train_baseline"].data.params["baseline.optimizer.lr"] == "0.02"
+    assert children["train_resnet"].data.params["epochs"] == "1"
+    assert children["train_resnet"].data.params["model.blocks"] == "[1, 1]"
+    assert children["train_baseline"].data.params["optimizer.lr"] == "0.02"
+    assert "resnet_val_acc" in parent.data.metrics, "the headline lands on mlflow run's run"
     assert (mlproject / "reports/report.md").exists()
+
+    # The same run again: DVC has every stage in its cache, so nothing trains twice.
+    again = mlflow_run(mlproject, "-P", f"set={overrides}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Running stage" not in again.stdout, again.stdout
+    second = next(r for r in runs(mlproject) if "mlflow.parentRunId" not in r.data.tags
+                  and r.info.run_id != parent.info.run_id and "pipeline.parent" not in r.data.tags)
+    assert second.data.metrics["resnet_val_acc"] == parent.data.metrics["resnet_val_acc"], "the headline, from cache"
 
 
 def test_train_entry_point_records_one_run_with_the_override(mlproject):
     for stage in ("download", "normalize"):
         subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=mlproject, check=True, capture_output=True)
-    done = mlflow_run(mlproject, "-e", "train", "-P", "model=baseline", "-P", "epochs=1", "-P", "batch_size=16")
+    done = mlflow_run(mlproject, "-e", "train", "-P", "model=baseline",
+                      "-P", "set=train.baseline.epochs=1 train.baseline.batch_size=16")
     assert done.returncode == 0, done.stderr
     (run,) = [r for r in runs(mlproject) if "pipeline.parent" not in r.data.tags]
-    assert run.data.params["epochs"] == "1"  # as given to mlflow run
-    assert run.data.params["baseline.epochs"] == "1"  # as the pipeline applied it
-    assert run.data.params["baseline.batch_size"] == "16"
+    assert shlex.split(run.data.params["set"]) == ["train.baseline.epochs=1 train.baseline.batch_size=16"]  # given
+    assert run.data.params["epochs"] == "1" and run.data.params["batch_size"] == "16"  # as the pipeline applied it
     assert run.data.tags["dvc.stage"] == "train_baseline"
 
 
 def test_a_wrong_parameter_value_gives_the_config_error(mlproject):
-    done = mlflow_run(mlproject, "-e", "train", "-P", "epochs=31")
+    done = mlflow_run(mlproject, "-e", "train", "-P", "set=train.resnet.epochs=31")
     assert done.returncode != 0
     assert "train.resnet.epochs: Input should be less than or equal to 30" in done.stderr

@@ -228,7 +228,7 @@ def test_runs_params_and_epoch_metrics_are_in_the_server(shared):
         assert record["complete"] is True
         run = client.get_run(record["run_id"])
         assert run.info.status == "FINISHED"
-        assert run.data.params[f"{name}.epochs"] == str(epochs)
+        assert run.data.params["epochs"] == str(epochs)
         assert run.data.tags["dvc.stage"] == f"train_{name}"
         history = pd.read_csv(shared / paths.history_file(name))
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
@@ -367,7 +367,7 @@ def test_server_lost_during_training_keeps_the_outputs_and_log_run_records_them(
     assert relogged["complete"] is True and relogged["relogged_from"] == run_id
     new = client.get_run(relogged["run_id"])
     assert new.info.run_id != run_id and new.info.status == "FINISHED"
-    assert new.data.params[f"{name}.epochs"] == str(epochs)
+    assert new.data.params["epochs"] == str(epochs)
     assert new.data.tags[tracking.RELOGGED_FROM_TAG] == run_id
     history = pd.read_csv(tmp_path / paths.history_file(name))
     for key in ("train_acc", "val_acc", "val_loss", "lr"):

@@ -63,7 +63,8 @@ def train_seed(config: Config, progress: bool) -> dict:
         result = fit(cfg, config.train, splits["train"], splits["val"], checkpoint, on_epoch=log.epoch,
                      resume=resume, progress=progress)
         scored = evaluate.evaluate_model(result.model, splits, result.device, config.train.eval_batch_size,
-                                         len(evaluate.CIFAR10_CLASSES), result.precision == "bf16")
+                                         len(evaluate.CIFAR10_CLASSES), result.precision == "bf16",
+                                         label=f"seed {seed}")
         chosen = next(r for r in result.history if r["epoch"] == result.selected_epoch)
         row = {
             "seed": seed,
