@@ -1,7 +1,7 @@
 """Command line: python -m pipeline STAGE [-S key=value ...]
 
-The same override syntax as `dvc exp run -S`, for people who use neither DVC nor MLflow.
-Overrides apply to this invocation only; params.yaml is not changed.
+The same override syntax as `dvc exp run -S`. Overrides apply to this invocation only; params.yaml is
+not changed. MLproject's entry points call it too: `repro` (the main one) drives `dvc exp run`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ STAGES = {
 }
 
 MODEL_STAGES = ("train", "log-run")  # the stages that take a model name
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
