@@ -65,6 +65,9 @@ class ResNetModelConfig(Strict):
     downsample: Literal["stride", "pool"] = "stride"
     pooling: Literal["avg", "max"] = "avg"  # the global pooling before the classifier
     dropout: Probability = 0.0
+    # How the dropout inside the residual blocks drops: 0, unit by unit (nn.Dropout); an odd k, in k x k
+    # squares of each feature map (DropBlock, Ghiasi et al., 2018), which neighbouring units cannot fill in.
+    drop_block_size: Annotated[int, Field(strict=True, ge=0)] = 0
     stochastic_depth: Probability = 0.0
     head_dropout: Probability = 0.0  # before the classifier
     # The first layer: a 3x3 "conv" with batch norm, or "whiten": a frozen 2x2 convolution set from the
@@ -73,6 +76,13 @@ class ResNetModelConfig(Strict):
     # The classifier's outputs are multiplied by this (the DAWNBench ResNet-9 uses 0.125): small logits
     # keep the softmax from saturating early, so the net grows confident more slowly.
     logit_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _drop_blocks_are_centred(self) -> "ResNetModelConfig":
+        if self.drop_block_size and self.drop_block_size % 2 == 0:
+            raise ValueError(f"drop_block_size {self.drop_block_size}: a block has a centre, so its size is odd "
+                             "(1, 3, 5, ...), or 0 for unit-by-unit dropout")
+        return self
 
     @model_validator(mode="after")
     def _strided_stages_need_a_block(self) -> "ResNetModelConfig":
@@ -184,17 +194,15 @@ class Config(Strict):
         leaves every existing fingerprint, and so every trained model and checkpoint, valid.
         """
         dumped = self.model_dump(mode="json", exclude_defaults=True)
-        picked = {s: _get(dumped, s.split("."), missing=None) for s in sections}
+        picked = {s: _get(dumped, s.split(".")) for s in sections}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_REQUIRED = object()
-
-
-def _get(tree: dict, keys: list[str], missing: Any = _REQUIRED) -> Any:
+def _get(tree: dict, keys: list[str]) -> Any:
+    """The value at a dotted path of a dump, or None where the dump left it out (a field at its default)."""
     for key in keys:
-        if key not in tree and missing is not _REQUIRED:
-            return missing
+        if key not in tree:
+            return None
         tree = tree[key]
     return tree
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import StochasticDepth
+from torchvision.ops import DropBlock2d, StochasticDepth
 
 from pipeline.config import BaselineModelConfig, ResNetModelConfig
 from pipeline.errors import ModelFileError
@@ -104,16 +104,19 @@ class BasicBlock(nn.Module):
     The shortcut is the identity when the shape is unchanged, else `downsample`: a strided 1x1
     convolution with batch norm that matches the branch's channels and resolution. Dropout sits
     between the two convolutions, inside the residual branch (Zagoruyko & Komodakis, 2016, "Wide
-    Residual Networks"): the shortcut carries the signal through undropped.
+    Residual Networks"): the shortcut carries the signal through undropped. With `drop_block_size`
+    it drops squares of the feature maps instead of single units (DropBlock).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, drop_block_size: int = 0) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = nn.Identity()
+        if dropout > 0:
+            self.dropout = DropBlock2d(dropout, drop_block_size) if drop_block_size else nn.Dropout(dropout)
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         # Drops the whole residual branch of a sample (Huang et al., 2016), rescaled so eval mode needs nothing.
@@ -133,7 +136,7 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A stem, stages of BasicBlocks, global pooling, (dropout,) one linear classifier.
 
-    `logit_scale` multiplies the classifier's outputs.
+    `logit_scale` multiplies the classifier's outputs; `drop_block_size` is BasicBlock's.
     `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
     (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
     `downsample` chooses how a stage changes the resolution:
@@ -156,6 +159,7 @@ class ResNet(nn.Module):
         head_dropout: float = 0.0,
         stem: str = "conv",
         logit_scale: float = 1.0,
+        drop_block_size: int = 0,
         num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
@@ -181,7 +185,8 @@ class ResNet(nn.Module):
             for i in range(count):
                 # Deeper blocks are dropped more often: linear rule of the stochastic depth paper.
                 drop_path = stochastic_depth * index / max(total - 1, 1)
-                layers.append(BasicBlock(in_channels, out_channels, stride if i == 0 else 1, drop_path, dropout))
+                layers.append(BasicBlock(in_channels, out_channels, stride if i == 0 else 1, drop_path, dropout,
+                                         drop_block_size))
                 in_channels, index = out_channels, index + 1
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
@@ -206,7 +211,8 @@ class ResNet(nn.Module):
 def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
     if isinstance(config, ResNetModelConfig):
         return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth,
-                      config.downsample, config.pooling, config.head_dropout, config.stem, config.logit_scale)
+                      config.downsample, config.pooling, config.head_dropout, config.stem, config.logit_scale,
+                      config.drop_block_size)
     return BaselineCNN(config.widths, config.hidden)
 
 

@@ -170,8 +170,11 @@ def export_tried(path: Path = TRIED) -> Path:
             "model": f"width {param('model.width')} blocks {param('model.blocks')} "
                      f"{param('model.downsample', 'stride')}, {param('model.stem', 'conv')} stem"
                      + (f", logits x {scale}" if (scale := param("model.logit_scale", "1.0")) != "1.0" else ""),
-            "dropout": param("model.dropout"), "head_dropout": param("model.head_dropout", "0.0"),
+            "dropout": param("model.dropout")
+                       + (f" in {size}x{size} blocks" if (size := param("model.drop_block_size", "0")) != "0" else ""),
+            "head_dropout": param("model.head_dropout", "0.0"),
             "batch_size": param("batch_size"), "lr": param("optimizer.lr"),
+            "weight_decay": param("optimizer.weight_decay"),
             "final_lr_fraction": param("final_lr_fraction", "0.0"),
             "ema_decay": param("ema_decay"), "epochs_planned": param("epochs"),
             "epochs_run": len(history),
@@ -189,14 +192,15 @@ def export_tried(path: Path = TRIED) -> Path:
 
 def tried_table(path: Path = TRIED) -> list[str]:
     tried = pd.read_csv(path)
-    lines = ["| run | model | dropout / head | batch, peak lr, final lr | EMA | epochs run / planned | "
-             "best epoch with running < 92% | val acc | running / clean (subset) train acc | seconds |",
+    lines = ["| run | model | dropout / head | batch, peak lr, final lr, weight decay | EMA | epochs run / planned "
+             "| best epoch with running < 92% | val acc | running / clean (subset) train acc | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in tried.itertuples():
         figures = (f"{row.best_epoch_under_92:.0f} | {pct(row.val_acc)} | {pct(row.train_running_acc)} / "
                    f"{pct(row.train_clean_subset_acc)}") if row.val_acc == row.val_acc else "none | | "
         lines.append(f"| `{row.run}` | {row.model} | {row.dropout} / {row.head_dropout} | "
-                     f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak | {row.ema_decay} | "
+                     f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak, {row.weight_decay} | "
+                     f"{row.ema_decay} | "
                      f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,} |")
     return lines
 

@@ -244,12 +244,10 @@ def _git(*args: str) -> str | None:
 
 
 def git_tags() -> dict[str, str]:
-    commit = _git("rev-parse", "HEAD")
+    """Whether tracked files differ from the commit. The commit itself MLflow records, as
+    mlflow.source.git.commit, when the command runs from a git checkout."""
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "git.commit": commit or "unknown",
-        "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
-    }
+    return {"git.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
 def group_id(config: Config) -> str:
@@ -304,10 +302,13 @@ def parent_run(config: Config) -> str:
 HEADLINE = ("val_acc", "train_running_acc", "train_acc", "test_acc")  # per model, on the parent run
 
 
-def summarize_parent(parent_run_id: str, metrics: dict) -> None:
+def summarize_parent(parent_run_id: str, metrics: dict, if_missing: bool = False) -> None:
     """The headline of a pipeline on its parent run: each model's val, running and clean train and test
-    accuracy and whether the targets hold; the run then ends now, so that its duration spans the stages."""
+    accuracy and whether the targets hold; the run then ends now, so that its duration spans the stages.
+    With if_missing, a run that has the headline already (its evaluate stage wrote it) is left as it is."""
     client = MlflowClient()
+    if if_missing and f"{MODEL_NAMES[-1]}_{HEADLINE[0]}" in client.get_run(parent_run_id).data.metrics:
+        return
     now = int(time.time() * 1000)
     figures = [mlflow.entities.Metric(f"{name}_{key}", float(metrics[name][key]), now, 0)
                for name in MODEL_NAMES for key in HEADLINE]
@@ -319,7 +320,8 @@ def summarize_parent(parent_run_id: str, metrics: dict) -> None:
 
 @contextmanager
 def stage_run(config: Config, stage: str, run_name: str, resume_run_id: str | None = None,
-              parent_run_id: str | None = None, log: StageLog | None = None) -> Iterator[mlflow.ActiveRun]:
+              parent_run_id: str | None = None, log: StageLog | None = None,
+              system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of one stage.
 
     Inside `mlflow run` (MLFLOW_RUN_ID set) that run is the stage's run. A resumed training
@@ -328,18 +330,21 @@ def stage_run(config: Config, stage: str, run_name: str, resume_run_id: str | No
     parent run of this configuration's group, found or created by the group tag.
     MLflow's HTTP calls are bounded (STAGE_HTTP) inside. With a `log`, ending the run cannot fail
     the stage: a run whose end the server did not record stays RUNNING there and is reported.
+    `system_metrics`: MLflow samples CPU, memory and GPU use into the run while it is open.
     """
+    system = {"log_system_metrics": True} if system_metrics else {}  # else MLflow's own default
     tags = {GROUP_TAG: group_id(config), "dvc.stage": stage, **git_tags(), **environment_tags()}
     with http_limits(**STAGE_HTTP):
         if resume_run_id is None and os.environ.get("MLFLOW_RUN_ID"):
             resume_run_id = os.environ["MLFLOW_RUN_ID"]
         if resume_run_id is not None:
-            run = mlflow.start_run(run_id=resume_run_id)
+            run = mlflow.start_run(run_id=resume_run_id, **system)
         else:
             parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or parent_run(config)
             # Children live in their parent's experiment (under `mlflow run`, the one it was given).
             experiment_id = MlflowClient().get_run(parent).info.experiment_id
-            run = mlflow.start_run(run_name=run_name, parent_run_id=parent, experiment_id=experiment_id, tags=tags)
+            run = mlflow.start_run(run_name=run_name, parent_run_id=parent, experiment_id=experiment_id, tags=tags,
+                                   **system)
         if log is None:
             with run:
                 mlflow.set_tags(tags)

@@ -9,7 +9,6 @@ hears of it and the `Checkpoint` is written. Device and precision live in pipeli
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import time
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from pipeline import distributed
@@ -31,7 +31,7 @@ from pipeline.device import autocast, memory_format, select_device, to_device_te
 from pipeline.errors import ConfigError
 from pipeline.models import build_model, fit_to_data
 
-CHECKPOINT_VERSION = 4  # 4: loaded with weights_only (plain data only)
+CHECKPOINT_VERSION = 5  # 4: loaded with weights_only (plain data only); 5: the average is an AveragedModel
 WHITENING_IMAGES = 5000  # training images whose patches set a whitening stem
 
 
@@ -110,38 +110,32 @@ def train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Opti
     return logits, loss
 
 
-class EMA:
-    """An exponential moving average of a model's weights and batch-norm statistics.
+def exponential_average(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """AveragedModel's `multi_avg_fn` for an exponential moving average of weights and batch-norm statistics.
 
     The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first n updates, as in TensorFlow's
-    ExponentialMovingAverage: a fixed 0.999 would keep half of the random initial weights for 700
-    steps, which is four of this data set's epochs at batch 256.
+    ExponentialMovingAverage: a fixed 0.999 would keep half of the first weights for 700 steps, which
+    is four of this data set's epochs at batch 256.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(model)
-        self.module.requires_grad_(False)
-        self.decay, self.updates = decay, 0
-        # state_dict() tensors share storage with the parameters and buffers: pair them once.
-        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
-        self._current = [c for a, c in pairs if a.is_floating_point()]
-        self._counters = [(a, c) for a, c in pairs if not a.is_floating_point()]  # batch norm's batch counts
+    def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
+        if not averaged[0].is_floating_point():  # batch norm's batch counts: copied, not averaged
+            torch._foreach_copy_(averaged, current)
+            return
+        # A float64 tensor: no host sync per step, and the same rounding as a Python float.
+        ramp = (n_averaged.double() + 1) / (n_averaged.double() + 10)
+        torch._foreach_lerp_(averaged, current, 1 - ramp.clamp(max=decay))
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self._averaged, self._current, 1.0 - decay)
-        for a, c in self._counters:
-            a.copy_(c)
+    return update
 
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "model": self.module.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.updates = state["updates"]
-        self.module.load_state_dict(state["model"])
+def weight_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of `model`, starting from its weights now (the first update then
+    has n = 1 and decay 2/11)."""
+    averaged = AveragedModel(model, multi_avg_fn=exponential_average(decay), use_buffers=True)
+    averaged.requires_grad_(False)
+    averaged.update_parameters(model)  # AveragedModel's first update copies
+    return averaged
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -254,7 +248,7 @@ class FitResult:
 
 
 def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                schedule, ema: EMA | None, x: Tensor, y: Tensor, epoch_batches: list[Tensor], bf16: bool,
+                schedule, ema: AveragedModel | None, x: Tensor, y: Tensor, epoch_batches: list[Tensor], bf16: bool,
                 bar: tqdm) -> dict:
     """One pass over the batches in training mode. Returns the running (training-mode) loss and
     accuracy, the learning rate of the last step and the images seen, summed over all processes."""
@@ -269,7 +263,7 @@ def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimize
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         schedule.step()
         if ema is not None:
-            ema.update(model)
+            ema.update_parameters(model)
         # Running figures stay on the device: no host sync per step.
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
@@ -319,7 +313,7 @@ def build_networks(cfg: Recipe, settings: TrainSection, device: torch.device, x_
     return model, net
 
 
-def restore(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: EMA | None,
+def restore(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: AveragedModel | None,
             selection: Selection) -> list[dict]:
     """Puts a checkpoint's state back into the training objects; returns the history so far."""
     model.load_state_dict(saved["model"])
@@ -349,6 +343,7 @@ def fit(
                           "(train.nproc): the global batch stays what params say")
     seed_everything(cfg.seed, settings.deterministic)
     bf16 = uses_bf16(settings.precision, device)
+    precision = "bf16" if bf16 else "fp32"
     x_train, y_train = to_device_tensor(train, device)
     x_val, y_val = to_device_tensor(val, device)
     model, net = build_networks(cfg, settings, device, x_train, fresh=resume is None)
@@ -357,7 +352,7 @@ def fit(
     steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
     optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
     schedule = make_schedule(cfg, optimizer, cfg.epochs * steps_per_epoch)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema = weight_average(model, cfg.ema_decay) if cfg.ema_decay else None
     scored = ema.module if ema is not None else model  # the weights that are evaluated and selected
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     selection = Selection(cfg.select, cfg.select_train_acc_max)
@@ -393,13 +388,13 @@ def fit(
                         history=history, best=selection.to_dict())
     distributed.shutdown()
     if not ctx.is_main:
-        return FitResult(model, history, history[-1]["epoch"], device, "bf16" if bf16 else "fp32")
+        return FitResult(model, history, history[-1]["epoch"], device, precision)
 
     selection.fall_back_to_last(history[-1], scored)
     selected = build_model(cfg.model).to(device, memory_format=memory_format(device))
     selected.load_state_dict(selection.state)
     selected.eval()
-    return FitResult(selected, history, selection.epoch, device, "bf16" if bf16 else "fp32", selection.state)
+    return FitResult(selected, history, selection.epoch, device, precision, selection.state)
 
 
 def report(record: dict, epochs: int) -> None:

@@ -295,3 +295,9 @@ def test_cli_torchrun_is_not_started_for_a_batch_that_does_not_divide(tmp_path):
     assert result.returncode == 2 and "does not divide among train.nproc=2" in result.stderr
     assert "torch.distributed.run" not in result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_an_even_drop_block_size_is_refused_with_the_key_named():
+    message = refused("train.resnet.model.drop_block_size=2")
+    assert "train.resnet.model" in message and "odd" in message
+    assert load_with("train.resnet.model.drop_block_size=3").train.resnet.model.drop_block_size == 3

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import DropBlock2d
 
 from pipeline import models
 from pipeline.config import BaselineModelConfig, ResNetModelConfig
@@ -336,3 +338,24 @@ def test_fit_to_data_sets_the_whitening_stem_and_leaves_other_models_alone():
     models.fit_to_data(plain, x)
     assert not torch.equal(whitened.stem[0].conv.weight, stem_before)
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_drop_block_drops_squares_of_the_feature_maps_in_training_only():
+    block = BasicBlock(8, 8, dropout=0.2, drop_block_size=3)
+    assert isinstance(block.dropout, DropBlock2d)
+    features = torch.ones(16, 8, 12, 12)
+    torch.manual_seed(0)
+    dropped = block.dropout.train()(features) == 0
+    assert 0.05 < dropped.float().mean() < 0.3
+    # Every dropped unit lies in a 3x3 square of dropped units.
+    squares = F.max_pool2d((~dropped).float(), 3, stride=1) == 0  # 3x3 windows with nothing kept
+    covered = F.max_pool2d(F.pad(squares.float(), [2] * 4), 3, stride=1) > 0  # units inside such a window
+    assert covered[dropped].all()
+    assert torch.equal(block.dropout.eval()(features), features)
+    assert isinstance(BasicBlock(8, 8, dropout=0.2).dropout, nn.Dropout), "size 0: unit by unit"
+
+
+def test_the_resnet_passes_drop_block_size_to_its_blocks():
+    model = models.build_model(ResNetModelConfig(width=4, blocks=[1, 1], dropout=0.1, drop_block_size=3))
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert blocks and all(isinstance(b.dropout, DropBlock2d) and b.dropout.block_size == 3 for b in blocks)

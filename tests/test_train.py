@@ -28,8 +28,8 @@ from pipeline.data import Split, load_split
 from pipeline.stages import download, normalize
 from pipeline.stages import train as train_stage
 from pipeline.device import uses_bf16
-from pipeline.train import (CHECKPOINT_VERSION, EMA, Checkpoint, Selection, batches, fit, make_optimizer, make_schedule,
-                            parameter_groups, predict, score, train_step)
+from pipeline.train import (CHECKPOINT_VERSION, Checkpoint, Selection, batches, fit, make_optimizer, make_schedule,
+                            parameter_groups, predict, score, train_step, weight_average)
 from tests.conftest import ROOT, enter_project, tiny_params
 
 TIMING = ("epoch_time_s", "images_per_s")  # the only fields allowed to differ between identical runs
@@ -265,28 +265,27 @@ def test_cosine_and_constant_schedules():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected_end, abs=1e-12), name
 
 
-def test_ema_warms_up_then_averages_with_its_decay():
+def test_weight_average_warms_up_then_averages_with_its_decay():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    ema = EMA(model, decay=0.99)
+    average = weight_average(model, decay=0.99)
     with torch.no_grad():
         for tensor in model.state_dict().values():
             tensor.fill_(1)  # weights, bias, running statistics and the batch count
 
-    ema.update(model)  # first update: decay 2/11, so the average moves most of the way at once
+    average.update_parameters(model)  # first update: decay 2/11, so the average moves most of the way at once
     first = 2 / 11
-    for key, value in ema.module.state_dict().items():
+    for key, value in average.module.state_dict().items():
         if value.is_floating_point():
             assert torch.allclose(value, first * start[key] + (1 - first)), key
         else:
             assert value.item() == 1, "counters are copied, not averaged"
 
-    ema.updates = 10_000  # far past the warm-up: the configured decay holds
-    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    ema.update(model)
-    weight = ema.module.state_dict()["0.weight"]
-    assert torch.allclose(weight, 0.99 * before["0.weight"] + 0.01)
-    assert all(not p.requires_grad for p in ema.module.parameters())
+    average.n_averaged.fill_(10_000)  # far past the warm-up: the configured decay holds
+    before = average.module.state_dict()["0.weight"].clone()
+    average.update_parameters(model)
+    assert torch.allclose(average.module.state_dict()["0.weight"], 0.99 * before + 0.01)
+    assert all(not p.requires_grad for p in average.parameters())
 
 
 def test_ema_weights_are_the_ones_evaluated_and_selected(tmp_path):
@@ -295,7 +294,7 @@ def test_ema_weights_are_the_ones_evaluated_and_selected(tmp_path):
                      SMALL_TRAIN, SMALL_VAL)
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert final["ema"] is not None
-    averaged = final["ema"]["model"]
+    averaged = {k.removeprefix("module."): v for k, v in final["ema"].items() if k.startswith("module.")}
     assert set(averaged) == set(result.state)
     assert all(torch.equal(result.state[k], averaged[k]) for k in averaged), "the selected weights are the EMA's"
     assert any(not torch.equal(averaged[k], final["model"][k]) for k in averaged if averaged[k].is_floating_point())

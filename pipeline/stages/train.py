@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline import data, distributed, models, paths, tracking
 from pipeline.config import Config
+from pipeline.device import select_device
 from pipeline.train import Checkpoint, fit
 
 
@@ -35,8 +36,11 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
 
     # Once training starts, MLflow failures are recorded in `log` instead of failing the stage.
     log = tracking.StageLog(name)
+    # GPU runs record MLflow's system metrics (GPU use and memory), to see whether the GPU was kept busy.
+    on_gpu = select_device(config.train.device).type == "cuda"
     with tracking.stage_run(config, f"train_{name}", run_name=name, parent_run_id=parent_run_id,
-                            resume_run_id=resume["run_id"] if resume else None, log=log) as run:
+                            resume_run_id=resume["run_id"] if resume else None, log=log,
+                            system_metrics=on_gpu) as run:
         mlflow.set_tags({"model": name, **tracking.data_tags(stats)})
         if resume is None:
             tracking.log_params(tracking.training_params(config, name))
