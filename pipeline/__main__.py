@@ -28,11 +28,13 @@ STAGES = {
     "evaluate": "compare both models on train/validation/test, write the report, register the ResNet",
     "log-run": "record a finished training stage's outputs as a new MLflow run (after a lost tracking server)",
     "all": "run every stage in order, all in one MLflow parent run",
-    "repro": "the DVC pipeline with these overrides (dvc exp run -S ...): what `mlflow run .` calls",
+    "repro": "the DVC pipeline with these overrides (dvc exp run -S ...), or with a model its training stage "
+             "and what it needs: what `mlflow run .` calls",
     "seeds": "train the ResNet of params.yaml with each of --seeds; write their mean and std to metrics/seeds.json",
 }
 
-MODEL_STAGES = ("train", "log-run")  # the stages that take a model name
+MODEL_STAGES = ("train", "log-run")  # the stages that need a model name
+OPTIONAL_MODEL_STAGES = ("repro",)  # and the one that may take one
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,8 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.stage in MODEL_STAGES and args.model is None:
         parser.error(f"{args.stage} needs a model: python -m pipeline {args.stage} {{baseline,resnet}}")
-    if args.stage not in MODEL_STAGES and args.model is not None:
-        parser.error(f"'{args.model}' is only taken by train and log-run")
+    if args.stage not in MODEL_STAGES + OPTIONAL_MODEL_STAGES and args.model is not None:
+        parser.error(f"'{args.model}' is only taken by train, log-run and repro")
     return args
 
 
@@ -111,10 +113,11 @@ def run_child(command: list[str], env: dict | None = None) -> int:
         raise
 
 
-def dvc_experiment(overrides: list[str]) -> int:
+def dvc_experiment(overrides: list[str], model: str | None = None) -> int:
     """`dvc exp run -S ...`: DVC reruns the stages whose inputs changed and takes the rest from its cache,
-    so `mlflow run .` and `dvc repro` share outputs instead of overwriting each other's. Under `mlflow run`,
-    the stages' MLflow runs are nested under its run."""
+    so `mlflow run .` and `dvc repro` share outputs instead of overwriting each other's. With a model, only
+    its training stage and the stages before it. Under `mlflow run`, the stages' MLflow runs are nested
+    under its run, which gets the headline figures when the whole pipeline ran."""
     from pipeline import tracking
 
     env = dict(os.environ)
@@ -123,12 +126,13 @@ def dvc_experiment(overrides: list[str]) -> int:
         env[tracking.PARENT_RUN_ENV] = parent
     bin_dir = os.path.dirname(sys.executable)  # DVC runs each stage with the python first on PATH: this one
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    command = ["dvc", "exp", "run", *[arg for override in overrides for arg in ("-S", override)]]
+    targets = [f"train_{model}"] if model else []
+    command = ["dvc", "exp", "run", *targets, *[arg for override in overrides for arg in ("-S", override)]]
     print(" ".join(shlex.quote(part) for part in command), flush=True)
     returncode = run_child(command, env)
-    if returncode == 0 and parent:
-        # Also when DVC took every stage from its cache and no stage run was opened under this one.
-        tracking.summarize_parent(parent, json.loads((METRICS / "evaluate.json").read_text()))
+    if returncode == 0 and parent and not model:
+        # The evaluate stage wrote the headline if DVC ran it; not if DVC took it from its cache.
+        tracking.summarize_parent(parent, json.loads((METRICS / "evaluate.json").read_text()), if_missing=True)
     return returncode
 
 
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.overlay or args.params != "params.yaml":
                 raise PipelineError("repro runs DVC, which reads params.yaml only: give changes as -S key=value")
             check.preflight(config)
-            return dvc_experiment(overrides)
+            return dvc_experiment(overrides, args.model)
         else:
             check.preflight(config)
             tracking.require_tracking("all")  # before the data stages

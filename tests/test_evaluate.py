@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, data, paths
+from pipeline import config, data, paths, tracking
 from pipeline.models import ModelFileError
 from pipeline.stages import download, evaluate, normalize, train
 from tests.conftest import enter_project, tiny_params
@@ -66,6 +66,12 @@ def test_the_parent_run_carries_the_headline_and_spans_the_stages(trained):
     assert parent.data.tags["all_targets_hold"] == "true"
     assert parent.info.start_time <= evaluated.info.start_time <= parent.info.end_time, \
         "the parent's duration covers its stages"
+
+    # What `python -m pipeline repro` does after DVC: the headline the evaluate stage wrote is not written twice.
+    tracking.summarize_parent(parent.info.run_id, {**metrics, "resnet": {**metrics["resnet"], "val_acc": 0.0}},
+                              if_missing=True)
+    history = client.get_metric_history(parent.info.run_id, "resnet_val_acc")
+    assert [m.value for m in history] == [pytest.approx(metrics["resnet"]["val_acc"])]
 
 
 def test_metrics_hold_before_after_figures_for_both_models(trained):

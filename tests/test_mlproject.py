@@ -75,16 +75,19 @@ def test_main_entry_point_runs_the_dvc_pipeline_with_overrides_under_its_run(mlp
     assert second.data.metrics["resnet_val_acc"] == parent.data.metrics["resnet_val_acc"], "the headline, from cache"
 
 
-def test_train_entry_point_records_one_run_with_the_override(mlproject):
-    for stage in ("download", "normalize"):
-        subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=mlproject, check=True, capture_output=True)
+def test_train_entry_point_runs_one_training_stage_through_dvc_under_its_run(mlproject):
     done = mlflow_run(mlproject, "-e", "train", "-P", "model=baseline",
                       "-P", "set=train.baseline.epochs=1 train.baseline.batch_size=16")
-    assert done.returncode == 0, done.stderr
-    (run,) = [r for r in runs(mlproject) if "pipeline.parent" not in r.data.tags]
-    assert shlex.split(run.data.params["set"]) == ["train.baseline.epochs=1 train.baseline.batch_size=16"]  # given
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Running stage 'train_baseline'" in done.stdout, "DVC ran the stage, and the data stages before it"
+    assert "Running stage 'train_resnet'" not in done.stdout and "Running stage 'evaluate'" not in done.stdout
+    recorded = runs(mlproject)
+    parent = next(r for r in recorded if "mlflow.parentRunId" not in r.data.tags)
+    assert shlex.split(parent.data.params["set"]) == ["train.baseline.epochs=1 train.baseline.batch_size=16"]  # given
+    (run,) = [r for r in recorded if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert run.data.params["epochs"] == "1" and run.data.params["batch_size"] == "16"  # as the pipeline applied it
     assert run.data.tags["dvc.stage"] == "train_baseline"
+    assert "batch_size: 16" in (mlproject / "params.yaml").read_text(), "DVC applied the experiment to the workspace"
 
 
 def test_a_wrong_parameter_value_gives_the_config_error(mlproject):
