@@ -28,12 +28,13 @@ QUICK := -S train.baseline.epochs=1 -S train.resnet.epochs=1
 quick: install
 	$(BIN)/dvc exp run --temp $(QUICK) $(ARGS)
 
+# One worker per core, each taking whole test modules (their tests share module fixtures and run in order).
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 # Everything but the end-to-end modules (DVC, MLflow server and projects, torchrun): the inner loop.
 test-fast: install
-	$(BIN)/python -m pytest --ignore=tests/test_dvc_pipeline.py --ignore=tests/test_dvc_remote.py \
+	$(BIN)/python -m pytest -n auto --dist loadfile --ignore=tests/test_dvc_pipeline.py --ignore=tests/test_dvc_remote.py \
 		--ignore=tests/test_tracking_server.py --ignore=tests/test_mlproject.py --ignore=tests/test_distributed.py
 
 # Seeds 1 and 2 of the ResNet beside the pipeline's seed 0 -> metrics/seeds.json; then the results document.

@@ -10,8 +10,12 @@ import http.server
 import io
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# `make test` runs modules in parallel worker processes, one per core; the models are tiny. One thread per
+# process (and per subprocess it starts) keeps the workers from oversubscribing the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Git needs an identity for the commits that DVC tests make; CI machines may have none.
 os.environ.setdefault("GIT_AUTHOR_NAME", "tests")
@@ -141,3 +149,52 @@ def enter_project(directory: Path, monkeypatch: pytest.MonkeyPatch, params: dict
 def project(tmp_path, monkeypatch, archive_url, tiny_archive):
     """A working directory with tiny params and its own MLflow sqlite store; yields the directory."""
     return enter_project(tmp_path, monkeypatch, tiny_params(archive_url, tiny_archive[1]))
+
+
+@dataclass
+class BuiltProject:
+    path: Path  # a committed git + DVC repository after one `dvc repro`; copy it, never change it
+    repro_output: str  # what that `dvc repro` printed
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory, archive_url, tiny_archive) -> BuiltProject:
+    """The project's dvc.yaml, pipeline/ and .dvc/config (its default remote) with tiny params, committed,
+    after one `dvc repro` and committed again: built once per session, copied by each DVC test module
+    with copy_project. Models are logged to MLflow and the targets are reachable, so a champion exists."""
+    repo = tmp_path_factory.mktemp("built") / "project"
+    repo.mkdir()
+    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", "data/.gitignore"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+    params = tiny_params(archive_url, tiny_archive[1])
+    params["train"]["log_model"] = True
+    params["evaluate"]["targets"].update(val_acc_min=0.0, train_acc_max=1.0)
+    write_params(repo, params)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+
+    def run(*args: str) -> str:
+        done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")  # the committed default remote
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "tiny project")
+    output = run("dvc", "repro")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "tiny repro")
+    return BuiltProject(repo, output)
+
+
+def copy_project(built: BuiltProject, directory: Path) -> Path:
+    """A copy of the built project at directory/project: git history, DVC cache and MLflow store included.
+    The store records its artifact folder by absolute path, so runs logged in a copy keep their artifacts
+    in the built project's folder."""
+    return Path(shutil.copytree(built.path, directory / "project", symlinks=True))

@@ -1,5 +1,6 @@
 """dvc.yaml end to end: `dvc repro`, `dvc exp run -S` and `dvc plots` in a temporary git repository,
-on a tiny archive served over HTTP from 127.0.0.1. The tests share one repository and run in file order."""
+on a tiny archive served over HTTP from 127.0.0.1. The tests share a copy of the project that conftest built
+and reproduced once, and run in file order."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, tiny_params, write_params
+from tests.conftest import ROOT, copy_project, write_params
 
 BIN = Path(sys.executable).parent
 STAGES = ["download", "normalize", "train_baseline", "train_resnet", "evaluate"]
@@ -37,29 +38,13 @@ def ran_stages(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, archive_url, tiny_archive) -> Path:
-    """A git repository holding the project's dvc.yaml and pipeline/ with tiny params, committed."""
-    repo = tmp_path_factory.mktemp("dvc") / "project"
-    repo.mkdir()
-    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", "data/.gitignore"):
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, repo / name)
-    params = tiny_params(archive_url, tiny_archive[1])
-    params["train"]["log_model"] = True
-    params["evaluate"]["targets"].update(val_acc_min=0.0, train_acc_max=1.0)  # reachable: champion expected
-    write_params(repo, params)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "dvc", "config", "core.analytics", "false")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny project")
-    return repo
+def repo(tmp_path_factory, built_project) -> Path:
+    """The built project (conftest), copied for this module: its tests change it in file order."""
+    return copy_project(built_project, tmp_path_factory.mktemp("dvc"))
 
 
-def test_repro_runs_all_five_stages(repo):
-    done = sh(repo, "dvc", "repro")
-    assert ran_stages(done.stdout) == STAGES
+def test_repro_runs_all_five_stages(repo, built_project):
+    assert ran_stages(built_project.repro_output) == STAGES
     for path in ("data/raw/cifar-10-python.tar.gz", "data/normalized/stats.json", "models/baseline/model.pt",
                  "models/resnet/model.pt", "metrics/evaluate.json", "reports/report.md",
                  "plots/evaluate/confusion_resnet.csv"):
@@ -77,6 +62,9 @@ def test_runs_of_one_repro_are_together_in_mlflow(repo):
         assert set(stages) == {"train_baseline", "train_resnet", "evaluate"}
         parents = {r.data.tags["mlflow.parentRunId"] for r in stages.values()}
         assert len(parents) == 1, "one parent run groups the runs of one dvc repro"
+        reproduced = sh(repo, "git", "rev-parse", "HEAD~1").stdout.strip()  # the commit before "tiny repro"
+        assert {r.data.tags.get("mlflow.source.git.commit") for r in stages.values()} == {reproduced}, \
+            "MLflow records the commit the stages ran from"
         champion = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")
         images = np.load(repo / "data/normalized/test_images.npy")[:4].astype(np.float32)
         assert np.asarray(champion.predict(images)).shape == (4, 10)
@@ -117,7 +105,7 @@ def test_results_document_is_written_from_the_committed_outputs(repo):
 
 def test_a_resnet_param_reruns_only_the_resnet_and_evaluate(repo):
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "first repro")
+    sh(repo, "git", "commit", "-qm", "results document", "--allow-empty")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["resnet"]["seed"] = 1
     write_params(repo, params)

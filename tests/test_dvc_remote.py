@@ -2,9 +2,9 @@
 parameter sweep through DVC's experiment queue, all with real DVC on a tiny archive served over HTTP from
 127.0.0.1.
 
-One tiny `dvc repro` is shared by the module. The temporary repository gets the project's own
-.dvc/config, so its relative remote url (`../../cifar10-dvc-storage`, relative to .dvc/) lands beside the
-temporary checkout, exactly as it lands beside /path/to/checkout for a real one."""
+The module works on a copy of the tiny project that conftest built and reproduced once. It has the
+project's own .dvc/config, so its relative remote url (`../../cifar10-dvc-storage`, relative to .dvc/)
+lands beside the temporary checkout, exactly as it lands beside /path/to/checkout for a real one."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_params, write_params
+from tests.conftest import ROOT, copy_project
 
 BIN = Path(sys.executable).parent
 STAGES = ["download", "normalize", "train_baseline", "train_resnet", "evaluate"]
@@ -54,22 +54,6 @@ def ran_stages(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]
 
 
-def build_repo(repo: Path, params: dict) -> Path:
-    """A committed git + DVC repository with the project's dvc.yaml, pipeline/ and .dvc/config."""
-    repo.mkdir(parents=True)
-    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", "data/.gitignore"):
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, repo / name)
-    write_params(repo, params)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")  # the committed default remote
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny project")
-    return repo
-
-
 def remotes(repo: Path) -> dict[str, str]:
     """`dvc remote list`: name -> url as DVC resolves it (a relative local url becomes absolute)."""
     words = [w for w in sh(repo, "dvc", "remote", "list", timeout=60).stdout.split() if w != "(default)"]
@@ -82,13 +66,9 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory, archive_url, tiny_archive) -> Path:
-    """The repository after one tiny `dvc repro`, committed and pushed to the default remote."""
-    repo = build_repo(tmp_path_factory.mktemp("dvc_remote") / "project", tiny_params(archive_url, tiny_archive[1]))
-    done = sh(repo, "dvc", "repro")
-    assert ran_stages(done.stdout) == STAGES
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny repro")
+def pushed(tmp_path_factory, built_project) -> Path:
+    """A copy of the built project (conftest: one tiny `dvc repro`, committed), pushed to the default remote."""
+    repo = copy_project(built_project, tmp_path_factory.mktemp("dvc_remote"))
     sh(repo, "dvc", "push")
     return repo
 
