@@ -1,7 +1,8 @@
 """Command line: python -m pipeline STAGE [-S key=value ...]
 
 The same override syntax as `dvc exp run -S`. Overrides apply to this invocation only; params.yaml is
-not changed. MLproject's entry points call it too: `repro` (the main one) drives `dvc exp run`.
+not changed. MLproject's entry points call it too: `repro` drives `dvc exp run`, for the whole pipeline
+(the main entry point) or, given a model, for its training stage (the train entry point).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("stage", choices=list(STAGES), help="the stage to run (see below)")
-    parser.add_argument("model", nargs="?", choices=MODEL_NAMES, help="for train and log-run: which model")
+    parser.add_argument("model", nargs="?", choices=MODEL_NAMES,
+                        help="for train and log-run: which model; for repro: only its training stage")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, as in `dvc exp run -S` (repeatable)")
     # MLproject's `set` parameter: several -S overrides in one shell-quoted string (hidden: people use -S).

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 from pipeline import paths
-from pipeline.config import OFFICIAL_MD5
+from pipeline.config import OFFICIAL_MD5, Recipe
 
 OFFLINE_COPY_MD5 = "abf7c8b279e0a5a16f5b5094ff35b970"  # ../shared/cifar10/make_archive.py, all 60,000 images
 DOCS = Path("docs")
@@ -170,7 +170,7 @@ def export_tried(path: Path = TRIED) -> Path:
             "model": f"width {param('model.width')} blocks {param('model.blocks')} "
                      f"{param('model.downsample', 'stride')}, {param('model.stem', 'conv')} stem"
                      + (f", logits x {scale}" if (scale := param("model.logit_scale", "1.0")) != "1.0" else ""),
-            "dropout": param("model.dropout")
+            "dropout": param("model.dropout", "0.0")
                        + (f" in {size}x{size} blocks" if (size := param("model.drop_block_size", "0")) != "0" else ""),
             "head_dropout": param("model.head_dropout", "0.0"),
             "batch_size": param("batch_size"), "lr": param("optimizer.lr"),
@@ -199,10 +199,22 @@ def tried_table(path: Path = TRIED) -> list[str]:
         figures = (f"{row.best_epoch_under_92:.0f} | {pct(row.val_acc)} | {pct(row.train_running_acc)} / "
                    f"{pct(row.train_clean_subset_acc)}") if row.val_acc == row.val_acc else "none | | "
         lines.append(f"| `{row.run}` | {row.model} | {row.dropout} / {row.head_dropout} | "
-                     f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak, {row.weight_decay} | "
+                     f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak, {getattr(row, 'weight_decay', '')} | "
                      f"{row.ema_decay} | "
                      f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,} |")
     return lines
+
+
+def seeds_of_committed_recipe(seeds: dict | None, lock: dict) -> dict | None:
+    """metrics/seeds.json if its seeds are of the ResNet recipe in dvc.lock, else None (stale: rerun seeds)."""
+    if seeds is None:
+        return None
+    committed = Recipe.model_validate(lock["stages"]["train_resnet"]["params"]["params.yaml"]["train.resnet"])
+    if seeds.get("recipe") != committed.model_dump(mode="json", exclude={"seed"}):
+        print("metrics/seeds.json holds seeds of another ResNet recipe than dvc.lock's: left out; rerun "
+              "`python -m pipeline seeds` for this one")
+        return None
+    return seeds
 
 
 def write() -> Path:
@@ -214,7 +226,7 @@ def write() -> Path:
     lock = yaml.safe_load(Path("dvc.lock").read_text())
     data_params = lock["stages"]["download"]["params"]["params.yaml"]
     seeds_file = paths.METRICS / "seeds.json"
-    seeds = json.loads(seeds_file.read_text()) if seeds_file.exists() else None
+    seeds = seeds_of_committed_recipe(json.loads(seeds_file.read_text()) if seeds_file.exists() else None, lock)
     machine = evaluated.get("machine", {})
 
     DOCS.mkdir(exist_ok=True)
@@ -252,6 +264,9 @@ def write() -> Path:
     if seeds is not None:
         lines += ["## Seeds", "", "`python -m pipeline seeds` (`metrics/seeds.json`); the standard deviation is "
                   "the sample one.", "", *seeds_table(seeds), ""]
+    elif seeds_file.exists():
+        lines += ["## Seeds", "", "`metrics/seeds.json` holds the seeds of another ResNet recipe than this run's; "
+                  "the seeds of this one are not measured yet (`make seeds`).", ""]
     if TRIED.exists():
         lines += ["## What was tried", "", "Every `train_resnet` run of the full data on this machine, from the "
                   "MLflow store (`python -m pipeline.results --tried` writes `docs/tried.csv`); a run stopped "

@@ -3,12 +3,19 @@ and params for models small enough to train in seconds on a CPU."""
 
 from __future__ import annotations
 
+import os
+
+# `make test` runs modules in parallel worker processes (pytest-xdist), one per core; the models are tiny.
+# One thread per worker, and per subprocess it starts, keeps the workers from oversubscribing the cores.
+# Set before numpy and torch are imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import functools
 import gzip
 import hashlib
 import http.server
 import io
-import os
 import pickle
 import shutil
 import subprocess
@@ -24,10 +31,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-# `make test` runs modules in parallel worker processes, one per core; the models are tiny. One thread per
-# process (and per subprocess it starts) keeps the workers from oversubscribing the cores.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Git needs an identity for the commits that DVC tests make; CI machines may have none.
 os.environ.setdefault("GIT_AUTHOR_NAME", "tests")
@@ -153,15 +156,16 @@ def project(tmp_path, monkeypatch, archive_url, tiny_archive):
 
 @dataclass
 class BuiltProject:
-    path: Path  # a committed git + DVC repository after one `dvc repro`; copy it, never change it
+    path: Path  # a committed git + DVC repository after one `dvc repro`; tests work on copies
     repro_output: str  # what that `dvc repro` printed
 
 
 @pytest.fixture(scope="session")
 def built_project(tmp_path_factory, archive_url, tiny_archive) -> BuiltProject:
     """The project's dvc.yaml, pipeline/ and .dvc/config (its default remote) with tiny params, committed,
-    after one `dvc repro` and committed again: built once per session, copied by each DVC test module
-    with copy_project. Models are logged to MLflow and the targets are reachable, so a champion exists."""
+    after one `dvc repro` and committed again: built once per session (under pytest-xdist, once per worker
+    that needs it), copied by each DVC test module with copy_project. Models are logged to MLflow and the
+    targets are reachable, so a champion exists."""
     repo = tmp_path_factory.mktemp("built") / "project"
     repo.mkdir()
     shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
@@ -195,6 +199,6 @@ def built_project(tmp_path_factory, archive_url, tiny_archive) -> BuiltProject:
 
 def copy_project(built: BuiltProject, directory: Path) -> Path:
     """A copy of the built project at directory/project: git history, DVC cache and MLflow store included.
-    The store records its artifact folder by absolute path, so runs logged in a copy keep their artifacts
-    in the built project's folder."""
+    The store records its artifact folder by absolute path, so runs logged in a copy put their artifacts
+    in the built project's mlruns/ (each under its own run id); its git and DVC state stay untouched."""
     return Path(shutil.copytree(built.path, directory / "project", symlinks=True))

@@ -39,7 +39,8 @@ def ran_stages(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, built_project) -> Path:
-    """The built project (conftest), copied for this module: its tests change it in file order."""
+    """The built project (conftest), copied for this module: its tests change it in file order. It has the
+    project's .dvc/config, whose autostage stages what DVC changes: the tests restore from HEAD, not the index."""
     return copy_project(built_project, tmp_path_factory.mktemp("dvc"))
 
 
@@ -136,7 +137,7 @@ def test_exp_run_refuses_an_invalid_value_with_the_key_named(repo):
 
 
 def test_a_bad_param_stops_repro_in_the_check_stage_and_deletes_nothing(repo):
-    sh(repo, "git", "checkout", "--", ".")
+    sh(repo, "git", "checkout", "HEAD", "--", ".")
     before = {p: (repo / p).read_bytes() for p in ("models/resnet/model.pt", "metrics/resnet.json",
                                                    "models/baseline/model.pt", "data/normalized/stats.json")}
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -147,13 +148,13 @@ def test_a_bad_param_stops_repro_in_the_check_stage_and_deletes_nothing(repo):
     assert "train.resnet.model.dropout" in done.stdout + done.stderr
     assert ran_stages(done.stdout) == [], "no stage after the check ran"
     assert {p: (repo / p).read_bytes() for p in before} == before
-    sh(repo, "git", "checkout", "--", "params.yaml")
+    sh(repo, "git", "checkout", "HEAD", "--", "params.yaml")
 
 
 def test_a_stage_that_fails_after_it_started_gets_its_outputs_back_from_git_and_dvc_checkout(repo):
     # DVC deletes a stage's outputs before it runs the command, so a stage that fails part-way (an error, a
     # Ctrl-C, a kill) leaves them missing: the README's recovery command must bring them back.
-    sh(repo, "git", "checkout", "--", ".")
+    sh(repo, "git", "checkout", "HEAD", "--", ".")
     sh(repo, "dvc", "checkout")
     status = sh(repo, "dvc", "status", "train_resnet").stdout
     outputs = ("models/resnet/model.pt", "metrics/resnet.json", "plots/resnet/history.csv")
@@ -177,7 +178,7 @@ def test_make_repro_works_from_a_shell_without_the_venv_on_path(repo):
     venv = Path(sys.prefix)
     if not (venv / "bin" / ".installed").exists():
         pytest.skip("the tests do not run in a venv that `make install` made")
-    sh(repo, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots")
+    sh(repo, "git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "metrics", "plots")
     sh(repo, "dvc", "checkout")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["resnet"]["seed"] = 3
@@ -209,7 +210,7 @@ def test_make_quick_runs_every_stage_in_a_temporary_copy_and_leaves_the_workspac
         pytest.skip("the tests do not run in a venv that `make install` made")
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(ROOT / name, repo / name)
-    sh(repo, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots")
+    sh(repo, "git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "metrics", "plots")
     sh(repo, "dvc", "checkout")
     kept = ("params.yaml", "dvc.lock", "metrics/resnet.json", "metrics/evaluate.json", "models/resnet/model.pt")
     before = {p: (repo / p).read_bytes() for p in kept}

@@ -40,6 +40,7 @@ def test_seeds_reuse_the_pipeline_run_and_train_the_others(project):
     summary = seeds.run(cfg, [0, 1], progress=False)
 
     written = json.loads((paths.METRICS / "seeds.json").read_text())
+    assert written["recipe"] == seeds.recipe(cfg) and "seed" not in written["recipe"]
     assert written == summary
     assert [row["seed"] for row in written["seeds"]] == [0, 1]
     pipeline_row, trained_row = written["seeds"]

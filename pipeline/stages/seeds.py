@@ -81,6 +81,11 @@ def train_seed(config: Config, progress: bool) -> dict:
     return row
 
 
+def recipe(config: Config) -> dict:
+    """The ResNet recipe the seeds share: params' train.resnet without its seed."""
+    return config.train.resnet.model_dump(mode="json", exclude={"seed"})
+
+
 def aggregate(rows: list[dict]) -> dict:
     """Mean and sample standard deviation of each figure over the seeds."""
     spread = (lambda values: statistics.stdev(values)) if len(rows) > 1 else (lambda values: 0.0)
@@ -106,7 +111,7 @@ def run(config: Config, seeds: list[int], progress: bool = True) -> dict:
         print(f"seed {seed}: val acc {row['val_acc']:.4f}, test acc {row['test_acc']:.4f}, running train acc "
               f"{row['train_running_acc']:.4f}, clean train acc {row['train_acc']:.4f}, epoch {row['selected_epoch']}",
               flush=True)
-    summary = aggregate(rows)
+    summary = {"recipe": recipe(config), **aggregate(rows)}  # the recipe: results.py shows only matching seeds
     SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
     tmp = SEEDS_FILE.with_name(SEEDS_FILE.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
