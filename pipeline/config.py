@@ -82,6 +82,9 @@ class ResNetModelConfig(Strict):
         if self.drop_block_size and self.drop_block_size % 2 == 0:
             raise ValueError(f"drop_block_size {self.drop_block_size}: a block has a centre, so its size is odd "
                              "(1, 3, 5, ...), or 0 for unit-by-unit dropout")
+        if self.drop_block_size and not self.dropout:
+            raise ValueError(f"drop_block_size {self.drop_block_size} says how dropout drops, but dropout is 0: "
+                             "set dropout above 0, or drop_block_size to 0")
         return self
 
     @model_validator(mode="after")

@@ -136,7 +136,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A stem, stages of BasicBlocks, global pooling, (dropout,) one linear classifier.
 
-    `logit_scale` multiplies the classifier's outputs; `drop_block_size` is BasicBlock's.
+    `logit_scale` multiplies the classifier's outputs; `drop_block_size` is BasicBlock's, made smaller
+    (and odd) in stages whose feature maps are smaller than the block (CIFAR's 32x32 inputs).
     `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
     (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
     `downsample` chooses how a stage changes the resolution:
@@ -182,11 +183,13 @@ class ResNet(nn.Module):
                 in_channels = out_channels
             else:
                 out_channels, stride = width * 2 ** stage, 2 if stage > 0 else 1
+            side = 32 // 2 ** (stage + 1 if downsample == "pool" else stage)  # the stage's feature maps
+            block_size = min(drop_block_size, side - 1 + side % 2)  # a block is odd and fits in the map
             for i in range(count):
                 # Deeper blocks are dropped more often: linear rule of the stochastic depth paper.
                 drop_path = stochastic_depth * index / max(total - 1, 1)
                 layers.append(BasicBlock(in_channels, out_channels, stride if i == 0 else 1, drop_path, dropout,
-                                         drop_block_size))
+                                         block_size))
                 in_channels, index = out_channels, index + 1
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)

@@ -244,10 +244,12 @@ def _git(*args: str) -> str | None:
 
 
 def git_tags() -> dict[str, str]:
-    """Whether tracked files differ from the commit. The commit itself MLflow records, as
-    mlflow.source.git.commit, when the command runs from a git checkout."""
+    """The commit, under MLflow's own tag (which MLflow sets on the runs it starts, but not on parent runs
+    made with the client, and which a resumed run must update), and whether tracked files differ from it."""
+    commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"git.dirty": "unknown" if status is None else str(bool(status)).lower()}
+    return {**({"mlflow.source.git.commit": commit} if commit else {}),
+            "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
 def group_id(config: Config) -> str:

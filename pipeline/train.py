@@ -122,9 +122,10 @@ def exponential_average(decay: float) -> Callable[[list[Tensor], list[Tensor], T
         if not averaged[0].is_floating_point():  # batch norm's batch counts: copied, not averaged
             torch._foreach_copy_(averaged, current)
             return
-        # A float64 tensor: no host sync per step, and the same rounding as a Python float.
-        ramp = (n_averaged.double() + 1) / (n_averaged.double() + 10)
-        torch._foreach_lerp_(averaged, current, 1 - ramp.clamp(max=decay))
+        # AveragedModel keeps the count on the CPU and copies it to the device for every update (a host
+        # sync on GPUs); reading it back costs no more, and a Python float works on every device.
+        n = int(n_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1 + n) / (10 + n)))
 
     return update
 

@@ -301,3 +301,5 @@ def test_an_even_drop_block_size_is_refused_with_the_key_named():
     message = refused("train.resnet.model.drop_block_size=2")
     assert "train.resnet.model" in message and "odd" in message
     assert load_with("train.resnet.model.drop_block_size=3").train.resnet.model.drop_block_size == 3
+    message = refused("train.resnet.model.drop_block_size=3", "train.resnet.model.dropout=0")
+    assert "dropout is 0" in message

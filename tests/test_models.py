@@ -359,3 +359,11 @@ def test_the_resnet_passes_drop_block_size_to_its_blocks():
     model = models.build_model(ResNetModelConfig(width=4, blocks=[1, 1], dropout=0.1, drop_block_size=3))
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     assert blocks and all(isinstance(b.dropout, DropBlock2d) and b.dropout.block_size == 3 for b in blocks)
+
+
+def test_a_drop_block_larger_than_a_stage_s_feature_maps_shrinks_to_fit():
+    model = models.build_model(ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool", dropout=0.1,
+                                                 drop_block_size=7))
+    sizes = [m.dropout.block_size for m in model.modules() if isinstance(m, BasicBlock)]
+    assert sizes == [7, 3], "16x16 maps take 7x7 blocks, 4x4 maps 3x3"
+    model.train()(torch.randn(4, 3, 32, 32)).sum().backward()  # odd sizes: DropBlock accepts them

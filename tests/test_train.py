@@ -288,6 +288,21 @@ def test_weight_average_warms_up_then_averages_with_its_decay():
     assert all(not p.requires_grad for p in average.parameters())
 
 
+def test_weight_average_computes_what_the_hand_written_ema_it_replaced_did_bit_for_bit():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 8)
+    average = weight_average(model, decay=0.995)
+    reference = [t.clone() for t in model.state_dict().values()]
+    for step in range(1, 400):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        average.update_parameters(model)
+        decay = min(0.995, (1 + step) / (10 + step))  # the former EMA class, verbatim
+        torch._foreach_lerp_(reference, list(model.state_dict().values()), 1.0 - decay)
+    assert all(torch.equal(a, r) for a, r in zip(average.module.state_dict().values(), reference))
+
+
 def test_ema_weights_are_the_ones_evaluated_and_selected(tmp_path):
     model = {**RESNET, "dropout": 0.1, "stochastic_depth": 0.1}
     result = run_fit(tmp_path, train_config(model=model, epochs=2, ema_decay=0.9, optimizer={"name": "sgd", "lr": 0.05}),
