@@ -199,10 +199,15 @@ def tried_table(path: Path = TRIED) -> list[str]:
         figures = (f"{row.best_epoch_under_92:.0f} | {pct(row.val_acc)} | {pct(row.train_running_acc)} / "
                    f"{pct(row.train_clean_subset_acc)}") if row.val_acc == row.val_acc else "none | | "
         lines.append(f"| `{row.run}` | {row.model} | {row.dropout} / {row.head_dropout} | "
-                     f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak, {getattr(row, 'weight_decay', '')} | "
-                     f"{row.ema_decay} | "
+                     f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak, "
+                     f"{getattr(row, 'weight_decay', '')} | {row.ema_decay} | "
                      f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,} |")
     return lines
+
+
+def recipe_without_seed(recipe: Recipe) -> dict:
+    """What the seeds of a ResNet recipe share: the recipe without its seed (metrics/seeds.json records it)."""
+    return recipe.model_dump(mode="json", exclude={"seed"})
 
 
 def seeds_of_committed_recipe(seeds: dict | None, lock: dict) -> dict | None:
@@ -210,7 +215,7 @@ def seeds_of_committed_recipe(seeds: dict | None, lock: dict) -> dict | None:
     if seeds is None:
         return None
     committed = Recipe.model_validate(lock["stages"]["train_resnet"]["params"]["params.yaml"]["train.resnet"])
-    if seeds.get("recipe") != committed.model_dump(mode="json", exclude={"seed"}):
+    if seeds.get("recipe") != recipe_without_seed(committed):
         print("metrics/seeds.json holds seeds of another ResNet recipe than dvc.lock's: left out; rerun "
               "`python -m pipeline seeds` for this one")
         return None

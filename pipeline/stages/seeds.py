@@ -18,6 +18,7 @@ from pipeline import config as config_module
 from pipeline import data, evaluate, models, paths, tracking
 from pipeline.config import Config
 from pipeline.errors import ModelFileError
+from pipeline.results import recipe_without_seed
 from pipeline.stages.train import fingerprint
 from pipeline.device import select_device, uses_bf16
 from pipeline.train import Checkpoint, fit
@@ -81,11 +82,6 @@ def train_seed(config: Config, progress: bool) -> dict:
     return row
 
 
-def recipe(config: Config) -> dict:
-    """The ResNet recipe the seeds share: params' train.resnet without its seed."""
-    return config.train.resnet.model_dump(mode="json", exclude={"seed"})
-
-
 def aggregate(rows: list[dict]) -> dict:
     """Mean and sample standard deviation of each figure over the seeds."""
     spread = (lambda values: statistics.stdev(values)) if len(rows) > 1 else (lambda values: 0.0)
@@ -111,7 +107,8 @@ def run(config: Config, seeds: list[int], progress: bool = True) -> dict:
         print(f"seed {seed}: val acc {row['val_acc']:.4f}, test acc {row['test_acc']:.4f}, running train acc "
               f"{row['train_running_acc']:.4f}, clean train acc {row['train_acc']:.4f}, epoch {row['selected_epoch']}",
               flush=True)
-    summary = {"recipe": recipe(config), **aggregate(rows)}  # the recipe: results.py shows only matching seeds
+    # With the recipe they share: results.py shows only the seeds of the committed one.
+    summary = {"recipe": recipe_without_seed(config.train.resnet), **aggregate(rows)}
     SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
     tmp = SEEDS_FILE.with_name(SEEDS_FILE.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
