@@ -12,6 +12,7 @@ trained model: `StageLog` bounds and records every MLflow call, and the log-run 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -31,7 +32,7 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from pipeline import paths, plots
+from pipeline import models, paths, plots
 from pipeline.config import Config, flatten
 from pipeline.data import Split
 from pipeline.errors import PipelineError
@@ -411,22 +412,46 @@ def epoch_metrics(record: dict) -> dict:
 
 
 def call(what: str, fn, *args, **kwargs):
-    """The plain caller for log_outcome: `what` is only a label, and a failure propagates."""
+    """The plain caller of the record_* functions: `what` is only a label, and a failure propagates."""
     return fn(*args, **kwargs)
 
 
-def log_outcome(name: str, select: str, summary: dict, history: pd.DataFrame, model: torch.nn.Module,
-                example: np.ndarray, with_model: bool, do=call) -> str | None:
-    """What a finished training stage records beside its per-epoch metrics: the final metrics, the
-    select tag, history.csv, the learning curves and, if `with_model`, the model (its URI is returned).
+# A training run's records come from these two functions, whoever records: the train stage as it runs
+# (through StageLog.do, which outlives a lost server and lists what it missed), and log-run afterwards
+# (through the plain `call`, which fails as a whole). Both record the same things from the same files.
 
-    Each record goes through `do(what, fn, *args)`: the train stage passes StageLog.do, which outlives
-    a lost server and lists what it missed; log-run passes the plain `call` and fails as a whole.
-    """
+def record_inputs(config: Config, name: str, splits: dict[str, Split], stats: dict, do=call) -> None:
+    """What a training run records before it trains: the model tag, the data's tags, the params and the datasets."""
+    do("the run's tags", mlflow.set_tags, {"model": name, **data_tags(stats)})
+    do("the params", log_params, training_params(config, name))
+    do("the datasets", log_datasets, splits, stats, str(paths.NORMALIZED))
+
+
+def record_outputs(config: Config, name: str, example: np.ndarray, do=call) -> str | None:
+    """What a finished training stage recorded in its DVC outputs, recorded in MLflow: the final metrics
+    (metrics/<name>.json), the selection tags, history.csv, the learning curves and, if train.log_model,
+    the model (models/<name>/model.pt; its URI is returned). The per-epoch metrics are not among them:
+    the stage logs each epoch as it ends, log-run replays history.csv (`record_epochs`)."""
+    recipe = getattr(config.train, name)
+    summary = json.loads(paths.metrics_file(name).read_text())
+    history = pd.read_csv(paths.history_file(name))
     do("the final metrics", mlflow.log_metrics, {f"final_{k}": summary[k] for k in FINAL_METRICS})
-    do("the selection tags", mlflow.set_tags, {"select": f"{select} -> epoch {summary['selected_epoch']}",
+    do("the selection tags", mlflow.set_tags, {"select": f"{recipe.select} -> epoch {summary['selected_epoch']}",
                                                "selected_epoch": summary["selected_epoch"],
                                                "parameters": summary["parameters"]})
     do("history.csv", mlflow.log_artifact, str(paths.history_file(name)))
     do("the learning curves", mlflow.log_figure, plots.learning_curves({name: history}), "learning_curves.png")
-    return do("the model", log_model, model, example) if with_model else None
+    if not config.train.log_model:
+        return None
+    model, _ = models.load(paths.model_file(name), recipe.model, f"train_{name}")
+    return do("the model", log_model, model, example)
+
+
+def record_epochs(history: pd.DataFrame) -> None:
+    """history.csv's per-epoch metrics at step = epoch, as the stage logged them while it trained."""
+    now = int(time.time() * 1000)
+    points = [mlflow.entities.Metric(key, float(value), now, int(row["epoch"]))
+              for row in history.to_dict("records") for key, value in epoch_metrics(row).items()]
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(points), 1000):  # MLflow's limit per batch
+        MlflowClient().log_batch(run_id, metrics=points[start:start + 1000])

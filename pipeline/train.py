@@ -153,6 +153,13 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, processes: int = 1) 
     return chunks
 
 
+def process_batches(n: int, batch_size: int, seed: int, epoch: int, device: torch.device) -> list[Tensor]:
+    """This process's share of each of the epoch's global batches, on the device. Indices go to the
+    device once per epoch: a copy per step would stall a GPU's queue every step."""
+    ctx = distributed.context()
+    return [b[ctx.rank::ctx.world_size].to(device) for b in batches(n, batch_size, seed, epoch, ctx.world_size)]
+
+
 @dataclass
 class Selection:
     """The selection rule: which epoch's scored weights the stage keeps (`select` in params).
@@ -179,6 +186,12 @@ class Selection:
         if self.state is None:
             print(f"no epoch had train_acc < {self.train_acc_max}: selecting the last epoch")
             self.epoch, self.val_acc, self.state = record["epoch"], record["val_acc"], _cpu_state(scored)
+
+    def model(self, config, device: torch.device) -> nn.Module:
+        """The selected weights in a fresh model on `device`, in eval mode."""
+        selected = build_model(config).to(device, memory_format=memory_format(device))
+        selected.load_state_dict(self.state)
+        return selected.eval()
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "val_acc": self.val_acc, "state": self.state}
@@ -314,6 +327,13 @@ def build_networks(cfg: Recipe, settings: TrainSection, device: torch.device, x_
     return model, net
 
 
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: AveragedModel | None,
+                   selection: Selection, history: list[dict]) -> dict:
+    """What a checkpoint holds besides its header; `restore` puts it back."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "history": history, "best": selection.to_dict()}
+
+
 def restore(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: AveragedModel | None,
             selection: Selection) -> list[dict]:
     """Puts a checkpoint's state back into the training objects; returns the history so far."""
@@ -344,7 +364,6 @@ def fit(
                           "(train.nproc): the global batch stays what params say")
     seed_everything(cfg.seed, settings.deterministic)
     bf16 = uses_bf16(settings.precision, device)
-    precision = "bf16" if bf16 else "fp32"
     x_train, y_train = to_device_tensor(train, device)
     x_val, y_val = to_device_tensor(val, device)
     model, net = build_networks(cfg, settings, device, x_train, fresh=resume is None)
@@ -357,17 +376,14 @@ def fit(
     scored = ema.module if ema is not None else model  # the weights that are evaluated and selected
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     selection = Selection(cfg.select, cfg.select_train_acc_max)
-    history: list[dict] = []
+    history = restore(resume, model, optimizer, schedule, ema, selection) if resume is not None else []
     if resume is not None:
-        history = restore(resume, model, optimizer, schedule, ema, selection)
         print(f"resuming from {checkpoint.path} after epoch {resume['epoch']} of {cfg.epochs}")
 
     for epoch in range(resume["epoch"] + 1 if resume else 1, cfg.epochs + 1):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
-        # Indices go to the device once per epoch: a copy per step would stall the GPU's queue every step.
-        epoch_batches = [b[ctx.rank::ctx.world_size].to(device)  # this process's share of each global batch
-                         for b in batches(len(y_train), cfg.batch_size, cfg.seed, epoch, ctx.world_size)]
+        epoch_batches = process_batches(len(y_train), cfg.batch_size, cfg.seed, epoch, device)
         with tqdm(total=len(epoch_batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                   disable=not (progress and ctx.is_main)) as bar:
             running = train_epoch(net, model, criterion, optimizer, schedule, ema, x_train, y_train,
@@ -384,18 +400,14 @@ def fit(
         report(record, cfg.epochs)
         if on_epoch is not None:
             on_epoch(record)
-        checkpoint.save(epoch, epoch == cfg.epochs, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        schedule=schedule.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                        history=history, best=selection.to_dict())
+        checkpoint.save(epoch, epoch == cfg.epochs, **training_state(model, optimizer, schedule, ema, selection,
+                                                                     history))
     distributed.shutdown()
+    precision = "bf16" if bf16 else "fp32"
     if not ctx.is_main:
         return FitResult(model, history, history[-1]["epoch"], device, precision)
-
     selection.fall_back_to_last(history[-1], scored)
-    selected = build_model(cfg.model).to(device, memory_format=memory_format(device))
-    selected.load_state_dict(selection.state)
-    selected.eval()
-    return FitResult(selected, history, selection.epoch, device, precision, selection.state)
+    return FitResult(selection.model(cfg.model, device), history, selection.epoch, device, precision, selection.state)
 
 
 def report(record: dict, epochs: int) -> None:

@@ -9,7 +9,6 @@ and learning curves as artifacts. models/<name>/mlflow.json then points at the n
 from __future__ import annotations
 
 import json
-import time
 
 import mlflow
 import pandas as pd
@@ -30,13 +29,12 @@ def run(config: Config, name: str) -> str:
             raise ModelFileError(f"{needed} not found: {stage} has not finished, there is nothing to log "
                                  f"(run it: dvc repro {stage})")
     train_cfg = getattr(config.train, name)
-    model, saved = models.load(paths.model_file(name), train_cfg.model, stage)
+    _, saved = models.load(paths.model_file(name), train_cfg.model, stage)
     if saved.get("fingerprint") != fingerprint(config, name):
         raise ModelFileError(
             f"{paths.model_file(name)} was trained with other params (data or train.{name}) than the params given "
             "now; log-run records the params it is given, so give it the ones the model was trained with "
             "(the same params.yaml and -S overrides)")
-    summary = json.loads(paths.metrics_file(name).read_text())
     history = pd.read_csv(paths.history_file(name))
     tracking_file = paths.model_tracking_file(name)
     previous = json.loads(tracking_file.read_text()) if tracking_file.exists() else {}
@@ -47,18 +45,11 @@ def run(config: Config, name: str) -> str:
     try:
         with tracking.stage_run(config, stage, run_name=name) as run:
             run_id = run.info.run_id
-            mlflow.set_tags({"model": name, **tracking.data_tags(stats),
-                             tracking.RELOGGED_FROM_TAG: previous.get("run_id") or "none"})
-            tracking.log_params(tracking.training_params(config, name))
-            tracking.log_datasets(splits, stats, source=str(paths.NORMALIZED))
-            now = int(time.time() * 1000)
-            points = [mlflow.entities.Metric(key, float(value), now, int(row["epoch"]))
-                      for row in history.to_dict("records")
-                      for key, value in tracking.epoch_metrics(row).items()]
-            for start in range(0, len(points), 1000):  # MLflow's limit per batch
-                client.log_batch(run_id, metrics=points[start:start + 1000])
-            model_uri = tracking.log_outcome(name, train_cfg.select, summary, history, model,
-                                             splits["val"].images[:4].astype("float32"), config.train.log_model)
+            mlflow.set_tag(tracking.RELOGGED_FROM_TAG, previous.get("run_id") or "none")
+            # What the stage records as it runs, from the same files and through the same functions.
+            tracking.record_inputs(config, name, splits, stats)
+            tracking.record_epochs(history)
+            model_uri = tracking.record_outputs(config, name, splits["val"].images[:4].astype("float32"))
     except Exception as exc:  # the server went away again: nothing local changed, so simply rerun
         raise tracking.TrackingError(
             f"log-run {name} failed against {tracking.shown_uri()}: {tracking.failure_reason(exc)}. "

@@ -20,7 +20,6 @@ from pipeline.config import Config
 from pipeline.errors import ModelFileError
 from pipeline.results import recipe_without_seed
 from pipeline.stages.train import fingerprint
-from pipeline.device import select_device, uses_bf16
 from pipeline.train import Checkpoint, fit
 
 FIGURES = ("val_acc", "test_acc", "train_running_acc", "train_acc", "selected_epoch", "train_time_s")
@@ -57,9 +56,10 @@ def train_seed(config: Config, progress: bool) -> dict:
     log = tracking.StageLog("resnet")
     with tracking.stage_run(config, "seeds", run_name=f"resnet seed {seed}",
                             resume_run_id=resume["run_id"] if resume else None, log=log) as run:
-        if resume is None:
-            mlflow.set_tags({"model": "resnet", "seed": str(seed)})
-            tracking.log_params(tracking.training_params(config, "resnet"))
+        if resume is None:  # a resumed run has them
+            log.do("the seed tag", mlflow.set_tag, "seed", str(seed))
+            tracking.record_inputs(config, "resnet", {"train": splits["train"], "val": splits["val"]},
+                                   data.load_stats(paths.NORMALIZED), do=log.do)
         checkpoint.run_id = run.info.run_id
         result = fit(cfg, config.train, splits["train"], splits["val"], checkpoint, on_epoch=log.epoch,
                      resume=resume, progress=progress)

@@ -41,10 +41,8 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
     with tracking.stage_run(config, f"train_{name}", run_name=name, parent_run_id=parent_run_id,
                             resume_run_id=resume["run_id"] if resume else None, log=log,
                             system_metrics=on_gpu) as run:
-        mlflow.set_tags({"model": name, **tracking.data_tags(stats)})
-        if resume is None:
-            tracking.log_params(tracking.training_params(config, name))
-            tracking.log_datasets({"train": train, "val": val}, stats, source=str(paths.NORMALIZED))
+        if resume is None:  # a resumed run has them
+            tracking.record_inputs(config, name, {"train": train, "val": val}, stats, do=log.do)
 
         checkpoint.run_id = run.info.run_id
         result = fit(train_cfg, config.train, train, val, checkpoint, on_epoch=log.epoch, resume=resume,
@@ -76,8 +74,8 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
         paths.history_file(name).parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(paths.history_file(name), index=False)
 
-        model_uri = tracking.log_outcome(name, train_cfg.select, summary, history, result.model,
-                                         val.images[:4].astype("float32"), config.train.log_model, do=log.do)
+        # Recorded from the files just written, as log-run records them.
+        model_uri = tracking.record_outputs(config, name, val.images[:4].astype("float32"), do=log.do)
     # After the run's end, so that `complete` covers every record, the end included.
     paths.model_tracking_file(name).write_text(json.dumps(
         {"run_id": run.info.run_id, "model_uri": model_uri, "experiment": config.train.experiment, **log.status()},
