@@ -3,6 +3,11 @@
 Every stage, the MLflow records and the command line read their parameters from here. DVC's
 `-S` and a hand-edited params.yaml accept any key, so the schema rejects unknown keys, wrong
 types and out-of-range values itself, naming the key and what it allows.
+
+params.yaml is the one place where the experiment's settings are set: the fields without a neutral
+value (the data source and split, the models' sizes, epochs, batch sizes, optimizers, seeds, the
+targets) have no default here and must be given. Options keep a default, one that leaves them off
+(no dropout, no weight average, a constant rate), so that params.yaml may omit them.
 """
 
 from __future__ import annotations
@@ -44,24 +49,24 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    url: str = OFFICIAL_URL
-    md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = OFFICIAL_MD5
-    val_size: Annotated[int, Field(strict=True, ge=10)] = 5000
-    seed: Annotated[int, Field(strict=True)] = 0
+    url: str
+    md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    val_size: Annotated[int, Field(strict=True, ge=10)]
+    seed: Annotated[int, Field(strict=True)]
 
 
 class BaselineModelConfig(Strict):
     arch: Literal["baseline"] = "baseline"
-    widths: Annotated[list[Annotated[int, Field(strict=True, ge=1)]], Field(min_length=1, max_length=5)] = [32, 64, 128]
-    hidden: Annotated[int, Field(strict=True, ge=1)] = 256
+    widths: Annotated[list[Annotated[int, Field(strict=True, ge=1)]], Field(min_length=1, max_length=5)]
+    hidden: Annotated[int, Field(strict=True, ge=1)]
 
 
 class ResNetModelConfig(Strict):
     arch: Literal["resnet"] = "resnet"
-    width: Annotated[int, Field(strict=True, ge=1)] = 64
+    width: Annotated[int, Field(strict=True, ge=1)]
     # One entry per stage: how many residual blocks it holds. Stage i has width * 2**i channels
     # (downsample "stride") or width * 2**(i+1) (downsample "pool"); see models.ResNet.
-    blocks: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1, max_length=5)] = [2, 2]
+    blocks: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1, max_length=5)]
     downsample: Literal["stride", "pool"] = "stride"
     pooling: Literal["avg", "max"] = "avg"  # the global pooling before the classifier
     dropout: Probability = 0.0
@@ -98,8 +103,8 @@ class ResNetModelConfig(Strict):
 
 
 class OptimizerConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    name: Literal["sgd", "adam", "adamw"]
+    lr: Annotated[float, Field(gt=0.0, le=10.0)]
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     nesterov: bool = False
@@ -112,9 +117,9 @@ class Recipe(Strict):
     """How one model is trained: params' train.baseline or train.resnet."""
 
     model: Annotated[BaselineModelConfig | ResNetModelConfig, Field(discriminator="arch")]
-    epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
-    batch_size: Annotated[int, Field(strict=True, ge=1)] = 64
-    optimizer: OptimizerConfig = OptimizerConfig()
+    epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)]
+    batch_size: Annotated[int, Field(strict=True, ge=1)]
+    optimizer: OptimizerConfig
     schedule: Literal["constant", "cosine", "onecycle"] = "constant"
     warmup_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # onecycle only
     # onecycle and cosine: the rate the schedule ends at, as a fraction of its peak. Above 0 the raw weights
@@ -122,7 +127,7 @@ class Recipe(Strict):
     final_lr_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     label_smoothing: Probability = 0.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
-    seed: Annotated[int, Field(strict=True)] = 0
+    seed: Annotated[int, Field(strict=True)]
     # Which epoch's weights become the stage's model. "best_val_under_target": the best
     # validation accuracy among epochs whose training accuracy (running, training mode)
     # stays below select_train_acc_max; falls back to the last epoch if none does.
@@ -133,14 +138,14 @@ class Recipe(Strict):
 class TrainSection(Strict):
     """Params' train section: the settings both trainings share, and each model's Recipe."""
 
-    experiment: str = "cifar10-resnet-vs-cnn"
+    experiment: str
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     # bf16 autocast or plain fp32; "auto": bf16 on CUDA GPUs and on CPUs with native bf16, else fp32.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     deterministic: bool = False
     # Size of the fixed, seeded subset of the train split scored in eval mode every epoch (0: all).
-    eval_train_size: Annotated[int, Field(strict=True, ge=0)] = 10000
-    eval_batch_size: Annotated[int, Field(strict=True, ge=1)] = 1024
+    eval_train_size: Annotated[int, Field(strict=True, ge=0)]
+    eval_batch_size: Annotated[int, Field(strict=True, ge=1)]
     log_model: bool = True
     # Processes for data-parallel training (torchrun + DistributedDataParallel; NCCL on GPUs, gloo on CPUs).
     # The global batch size and the learning rate stay what each model's params say.
@@ -175,26 +180,27 @@ class TrainSection(Strict):
 
 
 class Targets(Strict):
-    val_acc_min: Annotated[float, Field(ge=0.0, le=1.0)] = 0.85
-    train_acc_max: Annotated[float, Field(ge=0.0, le=1.0)] = 0.92
-    max_epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)] = MAX_EPOCHS
+    val_acc_min: Annotated[float, Field(ge=0.0, le=1.0)]
+    train_acc_max: Annotated[float, Field(ge=0.0, le=1.0)]
+    max_epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)]
 
 
 class EvaluateConfig(Strict):
-    registered_model: str = "cifar10-resnet"
-    targets: Targets = Targets()
+    registered_model: str
+    targets: Targets
 
 
 class Config(Strict):
-    data: DataConfig = DataConfig()
+    data: DataConfig
     train: TrainSection
-    evaluate: EvaluateConfig = EvaluateConfig()
+    evaluate: EvaluateConfig
 
     def fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections (dotted paths), to match outputs to the params that made them.
 
-        Fields at their defaults are left out: adding an option whose default keeps the old computation
-        leaves every existing fingerprint, and so every trained model and checkpoint, valid.
+        Options at their defaults are left out: adding an option whose default keeps the old computation
+        leaves every existing fingerprint, and so every trained model and checkpoint, valid. Required
+        fields are always in.
         """
         dumped = self.model_dump(mode="json", exclude_defaults=True)
         picked = {s: _get(dumped, s.split(".")) for s in sections}
@@ -248,6 +254,8 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (check its spelling; see params.yaml for the allowed keys)"
+    elif error["type"] == "missing":
+        message = "missing: this setting has no default, params must give it (see the repository's params.yaml)"
     shown = error.get("input")
     got = "" if error["type"] in {"missing", "extra_forbidden"} or isinstance(shown, dict) else f" (got {shown!r})"
     return f"  {loc}: {message}{got}"

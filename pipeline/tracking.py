@@ -305,16 +305,22 @@ def parent_run(config: Config) -> str:
 HEADLINE = ("val_acc", "train_running_acc", "train_acc", "test_acc")  # per model, on the parent run
 
 
+def model_metrics(name: str, figures: dict) -> dict:
+    """A model's figures on a run that holds both models' (evaluate's, the parent's): `<model>/<figure>`,
+    one chart section per model in MLflow's UI."""
+    return {f"{name}/{key}": value for key, value in figures.items()}
+
+
 def summarize_parent(parent_run_id: str, metrics: dict, if_missing: bool = False) -> None:
     """The headline of a pipeline on its parent run: each model's val, running and clean train and test
     accuracy and whether the targets hold; the run then ends now, so that its duration spans the stages.
     With if_missing, a run that has the headline already (its evaluate stage wrote it) is left as it is."""
     client = MlflowClient()
-    if if_missing and f"{MODEL_NAMES[-1]}_{HEADLINE[0]}" in client.get_run(parent_run_id).data.metrics:
+    if if_missing and f"{MODEL_NAMES[-1]}/{HEADLINE[0]}" in client.get_run(parent_run_id).data.metrics:
         return
     now = int(time.time() * 1000)
-    figures = [mlflow.entities.Metric(f"{name}_{key}", float(metrics[name][key]), now, 0)
-               for name in MODEL_NAMES for key in HEADLINE]
+    figures = [mlflow.entities.Metric(key, float(value), now, 0) for name in MODEL_NAMES
+               for key, value in model_metrics(name, {k: metrics[name][k] for k in HEADLINE}).items()]
     tags = [mlflow.entities.RunTag("all_targets_hold", str(metrics["all_targets_hold"]).lower())]
     client.log_batch(parent_run_id, metrics=figures, tags=tags)
     if client.get_run(parent_run_id).info.status != "RUNNING":  # under `mlflow run`, it ends the run itself
@@ -400,15 +406,26 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
     return info.model_uri
 
 
-# What a finished training records as final_<name> metrics: measurements only. Counts and choices
-# (epochs, the selected epoch, the parameter count) are params and tags, so that the run's charts open on
-# accuracies and losses.
-FINAL_METRICS = ("val_acc", "train_acc", "train_eval_acc", "val_loss", "train_loss", "train_time_s", "images_per_s")
+# MLflow's names for a training run's figures (history.csv and metrics/<name>.json keep the short ones).
+# The part before "/" is the chart section in MLflow's UI, and sections come in alphabetical order: a
+# run's page opens on accuracy and loss per epoch, then the kept epoch's figures, then speed. Counts and
+# choices (epochs, the selected epoch, the parameter count) are params and tags, not metrics.
+EPOCH_METRICS = {
+    "train_acc": "accuracy/train_running", "train_eval_acc": "accuracy/train_clean", "val_acc": "accuracy/val",
+    "train_loss": "loss/train_running", "train_eval_loss": "loss/train_clean", "val_loss": "loss/val",
+    "lr": "optimizer/lr", "epoch_time_s": "speed/epoch_time_s", "images_per_s": "speed/images_per_s",
+}
+SELECTED_METRICS = {  # from metrics/<name>.json: the kept epoch's figures, and the training's totals
+    "val_acc": "selected/val_acc", "train_acc": "selected/train_running_acc",
+    "train_eval_acc": "selected/train_clean_acc", "val_loss": "selected/val_loss",
+    "train_loss": "selected/train_running_loss", "train_time_s": "speed/train_time_s",
+    "images_per_s": "speed/median_images_per_s",
+}
 
 
 def epoch_metrics(record: dict) -> dict:
-    """An epoch's record as MLflow metrics: the epoch itself is the step, not a metric."""
-    return {k: v for k, v in record.items() if k != "epoch"}
+    """An epoch's record (a row of history.csv) as MLflow metrics; the epoch itself is the step."""
+    return {EPOCH_METRICS[k]: v for k, v in record.items() if k in EPOCH_METRICS}
 
 
 def call(what: str, fn, *args, **kwargs):
@@ -435,7 +452,7 @@ def record_outputs(config: Config, name: str, example: np.ndarray, do=call) -> s
     recipe = getattr(config.train, name)
     summary = json.loads(paths.metrics_file(name).read_text())
     history = pd.read_csv(paths.history_file(name))
-    do("the final metrics", mlflow.log_metrics, {f"final_{k}": summary[k] for k in FINAL_METRICS})
+    do("the selected epoch's metrics", mlflow.log_metrics, {SELECTED_METRICS[k]: summary[k] for k in SELECTED_METRICS})
     do("the selection tags", mlflow.set_tags, {"select": f"{recipe.select} -> epoch {summary['selected_epoch']}",
                                                "selected_epoch": summary["selected_epoch"],
                                                "parameters": summary["parameters"]})

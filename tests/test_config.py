@@ -78,6 +78,20 @@ def test_bad_value_raises_config_error_naming_the_key(override, key):
     assert ".model.resnet" not in message and ".model.baseline" not in message
 
 
+@pytest.mark.parametrize("path", [("data", "val_size"), ("train", "resnet", "epochs"),
+                                  ("train", "resnet", "model", "width"), ("evaluate", "targets", "val_acc_min")])
+def test_a_setting_without_a_default_must_be_in_the_params(tmp_path, path):
+    # params.yaml is the one place that sets these: the schema has no second value to fall back on.
+    params = yaml.safe_load(PARAMS.read_text())
+    node = params
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    with pytest.raises(ConfigError) as info:
+        config.load(write_params(tmp_path, params))
+    assert f"{'.'.join(path)}: missing" in str(info.value)
+
+
 def test_unknown_key_message_says_it_is_unknown():
     assert "unknown key" in refused("train.resnet.optimiser=sgd")
 

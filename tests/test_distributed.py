@@ -77,7 +77,7 @@ def test_only_rank_zero_records_one_mlflow_run_and_the_outputs(prepared, tmp_pat
     runs = stage_runs(directory)
     assert [r.data.tags["dvc.stage"] for r in runs] == ["train_resnet"]
     history = mlflow.tracking.MlflowClient(f"sqlite:///{directory / 'mlflow.db'}").get_metric_history(
-        runs[0].info.run_id, "train_loss")
+        runs[0].info.run_id, "loss/train_running")
     assert sorted(m.step for m in history) == [1, 2], "one point per epoch, not one per rank"
     assert runs[0].data.params["train.nproc"] == "2"
     for path in ("models/resnet/model.pt", "metrics/resnet.json", "plots/resnet/history.csv"):

@@ -60,8 +60,8 @@ def test_the_parent_run_carries_the_headline_and_spans_the_stages(trained):
     evaluated = client.search_runs([experiment.experiment_id], "attributes.run_name = 'evaluate'",
                                    order_by=["attributes.start_time DESC"], max_results=1)[0]
     parent = client.get_run(evaluated.data.tags["mlflow.parentRunId"])
-    assert parent.data.metrics["resnet_val_acc"] == pytest.approx(metrics["resnet"]["val_acc"])
-    assert parent.data.metrics["baseline_train_running_acc"] == pytest.approx(
+    assert parent.data.metrics["resnet/val_acc"] == pytest.approx(metrics["resnet"]["val_acc"])
+    assert parent.data.metrics["baseline/train_running_acc"] == pytest.approx(
         metrics["baseline"]["train_running_acc"])
     assert parent.data.tags["all_targets_hold"] == "true"
     assert parent.info.start_time <= evaluated.info.start_time <= parent.info.end_time, \
@@ -70,7 +70,7 @@ def test_the_parent_run_carries_the_headline_and_spans_the_stages(trained):
     # What `python -m pipeline repro` does after DVC: the headline the evaluate stage wrote is not written twice.
     tracking.summarize_parent(parent.info.run_id, {**metrics, "resnet": {**metrics["resnet"], "val_acc": 0.0}},
                               if_missing=True)
-    history = client.get_metric_history(parent.info.run_id, "resnet_val_acc")
+    history = client.get_metric_history(parent.info.run_id, "resnet/val_acc")
     assert [m.value for m in history] == [pytest.approx(metrics["resnet"]["val_acc"])]
 
 
@@ -119,7 +119,7 @@ def test_evaluate_run_logs_the_comparison_with_the_training_runs(trained):
     latest = runs[0]
     resnet_run = json.loads(paths.model_tracking_file("resnet").read_text())["run_id"]
     assert latest.data.tags["resnet.run_id"] == resnet_run
-    assert "resnet_val_acc" in latest.data.metrics and "baseline_gap" in latest.data.metrics
+    assert "resnet/val_acc" in latest.data.metrics and "baseline/gap" in latest.data.metrics
     artifacts = {a.path for a in MlflowClient().list_artifacts(latest.info.run_id, "report")}
     assert "report/report.md" in artifacts
 

@@ -63,7 +63,7 @@ def test_main_entry_point_runs_the_dvc_pipeline_with_overrides_under_its_run(mlp
     assert children["train_resnet"].data.params["epochs"] == "1"
     assert children["train_resnet"].data.params["model.blocks"] == "[1, 1]"
     assert children["train_baseline"].data.params["optimizer.lr"] == "0.02"
-    assert "resnet_val_acc" in parent.data.metrics, "the headline lands on mlflow run's run"
+    assert "resnet/val_acc" in parent.data.metrics, "the headline lands on mlflow run's run"
     assert (mlproject / "reports/report.md").exists()
 
     # The same run again: DVC has every stage in its cache, so nothing trains twice.
@@ -72,7 +72,7 @@ def test_main_entry_point_runs_the_dvc_pipeline_with_overrides_under_its_run(mlp
     assert "Running stage" not in again.stdout, again.stdout
     second = next(r for r in runs(mlproject) if "mlflow.parentRunId" not in r.data.tags
                   and r.info.run_id != parent.info.run_id and "pipeline.parent" not in r.data.tags)
-    assert second.data.metrics["resnet_val_acc"] == parent.data.metrics["resnet_val_acc"], "the headline, from cache"
+    assert second.data.metrics["resnet/val_acc"] == parent.data.metrics["resnet/val_acc"], "the headline, from cache"
 
 
 def test_train_entry_point_runs_one_training_stage_through_dvc_under_its_run(mlproject):

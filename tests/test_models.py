@@ -276,7 +276,7 @@ def test_a_model_saved_before_a_config_field_existed_loads_when_params_keep_its_
 def test_load_of_a_missing_file_raises_naming_the_file(tmp_path):
     path = tmp_path / "nowhere" / "model.pt"
     with pytest.raises(ModelFileError, match="not found") as info:
-        models.load(path, BaselineModelConfig(), "train_baseline")
+        models.load(path, BaselineModelConfig(widths=[4, 8], hidden=16), "train_baseline")
     assert str(path) in str(info.value)
 
 

@@ -56,7 +56,7 @@ def test_seeds_reuse_the_pipeline_run_and_train_the_others(project):
         [e.experiment_id for e in MlflowClient().search_experiments()], filter_string="tags.seed = '1'")
     assert len(runs) == 1
     assert runs[0].data.params["seed"] == "1"
-    assert runs[0].data.metrics["final_val_acc"] == pytest.approx(trained_row["val_acc"])
+    assert runs[0].data.metrics["selected/val_acc"] == pytest.approx(trained_row["val_acc"])
     assert written["mean"]["val_acc"] == pytest.approx((pipeline_row["val_acc"] + trained_row["val_acc"]) / 2)
     # The DVC outputs of the pipeline's run are untouched.
     assert json.loads((paths.METRICS / "evaluate.json").read_text())["resnet"]["val_acc"] == evaluated["resnet"]["val_acc"]

@@ -46,14 +46,14 @@ def test_run_records_params_flattened(trained_resnet):
 def test_every_epoch_metric_has_one_point_per_epoch(trained_resnet):
     _, summary, tracked, run = trained_resnet
     client = MlflowClient()
-    for key in ("train_loss", "train_acc", "train_eval_acc", "val_loss", "val_acc", "lr", "epoch_time_s",
-                "images_per_s"):
+    for key in ("loss/train_running", "accuracy/train_running", "accuracy/train_clean", "loss/val", "accuracy/val",
+                "optimizer/lr", "speed/epoch_time_s", "speed/images_per_s"):
         history = client.get_metric_history(tracked["run_id"], key)
         assert sorted(m.step for m in history) == [1, 2, 3], key
-    assert run.data.metrics["final_val_acc"] == pytest.approx(summary["val_acc"])
+    assert run.data.metrics["selected/val_acc"] == pytest.approx(summary["val_acc"])
     assert run.data.tags["selected_epoch"] == str(summary["selected_epoch"])
     # Counts and choices are tags and params, not charts: the chart page opens on measurements.
-    assert not {"epoch", "final_epochs", "final_parameters", "final_selected_epoch"} & set(run.data.metrics)
+    assert not {"epoch", "epochs", "parameters", "selected_epoch"} & {key.split("/")[-1] for key in run.data.metrics}
     assert run.data.tags["parameters"] == str(summary["parameters"])
 
 

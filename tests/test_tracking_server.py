@@ -232,7 +232,8 @@ def test_runs_params_and_epoch_metrics_are_in_the_server(shared):
         assert run.data.tags["dvc.stage"] == f"train_{name}"
         history = pd.read_csv(shared / paths.history_file(name))
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            points = sorted(client.get_metric_history(record["run_id"], key), key=lambda m: m.step)
+            recorded = tracking.EPOCH_METRICS[key]
+            points = sorted(client.get_metric_history(record["run_id"], recorded), key=lambda m: m.step)
             assert [m.step for m in points] == list(range(1, epochs + 1)), key
             np.testing.assert_allclose([m.value for m in points], history[key], rtol=1e-6)
         assert tracking.INCOMPLETE_TAG not in run.data.tags
@@ -329,7 +330,7 @@ def test_server_lost_during_training_keeps_the_outputs_and_log_run_records_them(
         while time.monotonic() < deadline and process.poll() is None:
             found = client.get_experiment_by_name(experiment)
             runs = client.search_runs([found.experiment_id], "tags.model = 'resnet'") if found else []
-            if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
+            if runs and client.get_metric_history(runs[0].info.run_id, "accuracy/val"):
                 run_id = runs[0].info.run_id
                 break
             time.sleep(0.2)
@@ -355,7 +356,7 @@ def test_server_lost_during_training_keeps_the_outputs_and_log_run_records_them(
     assert f"WARNING: train_{name} finished, but the MLflow tracking store {server.uri} did not record" in out
     assert "This stage exits 0 on purpose" in out
     assert f"    python -m pipeline log-run {name}" in out
-    logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}
+    logged = {m.step for m in client.get_metric_history(run_id, "accuracy/val")}
     assert logged and max(logged) < epochs, "some epochs reached the server before it was lost, not all"
 
     # With the server back, `log-run` records the finished stage as a new run.
@@ -371,11 +372,12 @@ def test_server_lost_during_training_keeps_the_outputs_and_log_run_records_them(
     assert new.data.tags[tracking.RELOGGED_FROM_TAG] == run_id
     history = pd.read_csv(tmp_path / paths.history_file(name))
     for key in ("train_acc", "val_acc", "val_loss", "lr"):
-        points = sorted(client.get_metric_history(new.info.run_id, key), key=lambda m: m.step)
+        recorded = tracking.EPOCH_METRICS[key]  # MLflow's name of the history.csv column
+        points = sorted(client.get_metric_history(new.info.run_id, recorded), key=lambda m: m.step)
         assert [m.step for m in points] == list(range(1, epochs + 1)), key
         np.testing.assert_allclose([m.value for m in points], history[key], rtol=1e-6)
     summary = json.loads((tmp_path / paths.metrics_file(name)).read_text())
-    assert new.data.metrics["final_val_acc"] == pytest.approx(summary["val_acc"])
+    assert new.data.metrics["selected/val_acc"] == pytest.approx(summary["val_acc"])
     images = data.load_split(tmp_path / paths.NORMALIZED, "val").images[:4].astype(np.float32)
     assert np.asarray(mlflow.pyfunc.load_model(relogged["model_uri"]).predict(images)).shape == (4, 10)
     old = client.get_run(run_id)

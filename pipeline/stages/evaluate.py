@@ -99,8 +99,8 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     with tracking.stage_run(config, "evaluate", run_name="evaluate", parent_run_id=parent_run_id) as run:
         mlflow.set_tags({f"{name}.run_id": tracked[name]["run_id"] for name in paths.MODEL_NAMES})
         mlflow.set_tags({**tracking.data_tags(stats), "all_targets_hold": str(all_hold).lower()})
-        mlflow.log_metrics({f"{name}_{k}": v for name in paths.MODEL_NAMES for k, v in metrics[name].items()
-                            if k not in ("selected_epoch", "parameters")})  # counts: in evaluate.json
+        mlflow.log_metrics({key: value for name in paths.MODEL_NAMES for key, value in tracking.model_metrics(
+            name, {k: v for k, v in metrics[name].items() if k not in ("selected_epoch", "parameters")}).items()})
         mlflow.log_artifacts(str(paths.REPORTS), artifact_path="report")
         mlflow.log_dict(metrics, "evaluate.json")
         registered = _register(config, tracked["resnet"]["model_uri"], all_hold)
