@@ -138,6 +138,17 @@ def update_readme(summary: list[str]) -> None:
     README.write_text(head + "\n".join(summary) + "\n" + text[end:])
 
 
+def epoch_values(client, run, key: str) -> dict[int, float]:
+    """A history.csv column of an MLflow training run, by epoch: under its MLflow name (tracking.EPOCH_METRICS),
+    or under the column's own name, which runs recorded before those names have."""
+    from pipeline import tracking
+
+    for name in (tracking.EPOCH_METRICS[key], key):
+        if name in run.data.metrics:
+            return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+    return {}
+
+
 def export_tried(path: Path = TRIED) -> Path:
     """Every train_resnet run in the tracking store (finished or stopped), one row each, to a CSV that
     git keeps: what was tried, and how it did under the 92% rule."""
@@ -152,7 +163,7 @@ def export_tried(path: Path = TRIED) -> Path:
     rows = []
     for run in client.search_runs(experiments, filter_string="tags.`dvc.stage` = 'train_resnet'",
                                   order_by=["attributes.start_time ASC"]):
-        history = pd.DataFrame({key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        history = pd.DataFrame({key: epoch_values(client, run, key)
                                 for key in ("train_acc", "train_eval_acc", "val_acc", "epoch_time_s")})
         if history.empty:
             continue

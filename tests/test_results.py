@@ -24,3 +24,26 @@ def test_seeds_of_the_committed_recipe_are_shown_and_stale_ones_are_not():
     assert results.seeds_of_committed_recipe({k: v for k, v in recorded.items() if k != "recipe"},
                                              committed_lock(resnet)) is None, "seeds of an unknown recipe"
     assert results.seeds_of_committed_recipe(None, committed_lock(resnet)) is None
+
+
+def test_tried_lists_runs_recorded_under_either_metric_naming(tmp_path, monkeypatch):
+    # Runs recorded before MLflow's metric sections (`val_acc`) and after (`accuracy/val`) are both read.
+    import mlflow
+    import pandas as pd
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("tried")
+    epochs = [{"train_acc": 0.6, "train_eval_acc": 0.7, "val_acc": 0.65, "epoch_time_s": 10.0},
+              {"train_acc": 0.95, "train_eval_acc": 0.97, "val_acc": 0.7, "epoch_time_s": 11.0}]
+    for names in ({key: key for key in epochs[0]}, tracking.EPOCH_METRICS):
+        with mlflow.start_run(tags={"dvc.stage": "train_resnet"}):
+            mlflow.log_params({"model.width": 4, "epochs": 2})
+            for step, record in enumerate(epochs, start=1):
+                mlflow.log_metrics({names[key]: value for key, value in record.items()}, step=step)
+    tried = pd.read_csv(results.export_tried(tmp_path / "tried.csv"))
+    assert len(tried) == 2
+    assert list(tried["epochs_run"]) == [2, 2] and list(tried["best_epoch_under_92"]) == [1, 1]
+    assert list(tried["val_acc"]) == [0.65, 0.65] and list(tried["seconds"]) == [21, 21]
