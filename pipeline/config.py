@@ -127,6 +127,10 @@ class Recipe(Strict):
     final_lr_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     label_smoothing: Probability = 0.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    # 0: the average's batch-norm statistics are averaged with its weights. N > 0: recomputed from N training
+    # images, in training mode, before each evaluation, so that they fit the averaged weights (as SWA does):
+    # the longer the average's horizon, the more the averaged statistics lag behind its weights.
+    ema_batch_norm_images: Annotated[int, Field(strict=True, ge=0)] = 0
     seed: Annotated[int, Field(strict=True)]
     # Which epoch's weights become the stage's model. "best_val_under_target": the best
     # validation accuracy among epochs whose training accuracy (running, training mode)

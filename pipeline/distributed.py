@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -37,9 +39,13 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def init(device: torch.device) -> Context:
-    """Join the process group (NCCL on GPUs, gloo on CPUs) if this is one rank of several."""
+def init(device: torch.device, batch_size: int) -> Context:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) if this is one rank of several, whose equal
+    shares make up each global batch of `batch_size`."""
     ctx = context()
+    if batch_size % ctx.world_size:
+        raise ConfigError(f"batch_size {batch_size} must divide evenly among the {ctx.world_size} processes "
+                          "(train.nproc): the global batch stays what params say")
     if ctx.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -156,7 +156,7 @@ def _ranges(numbers: list[int]) -> str:
 
 
 class StageLog:
-    """The MLflow calls of a training stage once training has started.
+    """The MLflow calls of a training stage once its run is open.
 
     A lost tracking server must not lose the trained model, so no call here raises: each one is
     bounded (STAGE_HTTP), a failed one is recorded and skipped, and after a failure the next calls
@@ -437,11 +437,15 @@ def call(what: str, fn, *args, **kwargs):
 # (through StageLog.do, which outlives a lost server and lists what it missed), and log-run afterwards
 # (through the plain `call`, which fails as a whole). Both record the same things from the same files.
 
-def record_inputs(config: Config, name: str, splits: dict[str, Split], stats: dict, do=call) -> None:
-    """What a training run records before it trains: the model tag, the data's tags, the params and the datasets."""
+def record_inputs(config: Config, name: str, splits: dict[str, Split], stats: dict, do=call,
+                  resumed: bool = False) -> None:
+    """What a training run records before it trains: the model tag, the data's tags, the params and the
+    datasets. A resumed run has its params and datasets; its tags are set again (a lost server may have
+    missed them)."""
     do("the run's tags", mlflow.set_tags, {"model": name, **data_tags(stats)})
-    do("the params", log_params, training_params(config, name))
-    do("the datasets", log_datasets, splits, stats, str(paths.NORMALIZED))
+    if not resumed:
+        do("the params", log_params, training_params(config, name))
+        do("the datasets", log_datasets, splits, stats, str(paths.NORMALIZED))
 
 
 def record_outputs(config: Config, name: str, example: np.ndarray, do=call) -> str | None:

@@ -28,7 +28,6 @@ from pipeline import distributed
 from pipeline.config import Recipe, TrainSection
 from pipeline.data import Split
 from pipeline.device import autocast, memory_format, select_device, to_device_tensor, uses_bf16
-from pipeline.errors import ConfigError
 from pipeline.models import build_model, fit_to_data
 
 CHECKPOINT_VERSION = 5  # 4: loaded with weights_only (plain data only); 5: the average is an AveragedModel
@@ -137,6 +136,24 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel:
     averaged.requires_grad_(False)
     averaged.update_parameters(model)  # AveragedModel's first update copies
     return averaged
+
+
+@torch.no_grad()
+def recompute_batch_norm(model: nn.Module, images: Tensor, batch_size: int, bf16: bool = False) -> None:
+    """Batch norm's running statistics of `model`, replaced by the average over `images` (training mode,
+    as training computes them). Dropout draws from the global RNG, which each epoch reseeds."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    model.train()
+    for start in range(0, len(images), batch_size):
+        with autocast(images.device, bf16):
+            model(images[start:start + batch_size])
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -358,16 +375,15 @@ def fit(
 ) -> FitResult:
     ctx = distributed.context()
     device = select_device(settings.device, ctx.local_rank)
-    distributed.init(device)
-    if cfg.batch_size % ctx.world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly among the {ctx.world_size} processes "
-                          "(train.nproc): the global batch stays what params say")
+    distributed.init(device, cfg.batch_size)
     seed_everything(cfg.seed, settings.deterministic)
     bf16 = uses_bf16(settings.precision, device)
     x_train, y_train = to_device_tensor(train, device)
     x_val, y_val = to_device_tensor(val, device)
     model, net = build_networks(cfg, settings, device, x_train, fresh=resume is None)
     x_eval, y_eval = clean_subset(x_train, y_train, settings.eval_train_size, cfg.seed)
+    x_norm = clean_subset(x_train, y_train, cfg.ema_batch_norm_images, cfg.seed)[0] if cfg.ema_batch_norm_images \
+        else None  # training images whose batch statistics the average's batch norm takes
 
     steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
     optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
@@ -376,8 +392,9 @@ def fit(
     scored = ema.module if ema is not None else model  # the weights that are evaluated and selected
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     selection = Selection(cfg.select, cfg.select_train_acc_max)
-    history = restore(resume, model, optimizer, schedule, ema, selection) if resume is not None else []
+    history = []
     if resume is not None:
+        history = restore(resume, model, optimizer, schedule, ema, selection)
         print(f"resuming from {checkpoint.path} after epoch {resume['epoch']} of {cfg.epochs}")
 
     for epoch in range(resume["epoch"] + 1 if resume else 1, cfg.epochs + 1):
@@ -389,6 +406,8 @@ def fit(
             running = train_epoch(net, model, criterion, optimizer, schedule, ema, x_train, y_train,
                                   epoch_batches, bf16, bar)
         train_time = time.perf_counter() - started
+        if ema is not None and x_norm is not None:  # statistics that fit the averaged weights
+            recompute_batch_norm(scored, x_norm, cfg.batch_size, bf16)
         scores = evaluate(scored, x_eval, y_eval, x_val, y_val, settings.eval_batch_size, bf16)
         record = {"epoch": epoch, "train_loss": running["train_loss"], "train_acc": running["train_acc"], **scores,
                   "lr": running["lr"], "epoch_time_s": time.perf_counter() - started,

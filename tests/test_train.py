@@ -29,7 +29,8 @@ from pipeline.stages import download, normalize
 from pipeline.stages import train as train_stage
 from pipeline.device import uses_bf16
 from pipeline.train import (CHECKPOINT_VERSION, Checkpoint, Selection, batches, fit, make_optimizer, make_schedule,
-                            parameter_groups, predict, score, train_step, weight_average)
+                            clean_subset, parameter_groups, predict, recompute_batch_norm, score, train_step,
+                            weight_average)
 from tests.conftest import ROOT, enter_project, tiny_params
 
 TIMING = ("epoch_time_s", "images_per_s")  # the only fields allowed to differ between identical runs
@@ -70,14 +71,16 @@ RESNET = {"arch": "resnet", "width": 8, "blocks": [1]}
 def settings(**values) -> TrainSection:
     # fp32: the exact premises below must not depend on whether the machine's CPU has native bf16.
     return TrainSection.model_validate({
-        "device": "cpu", "precision": "fp32", "eval_train_size": 0, "eval_batch_size": 256, "log_model": False,
-        "baseline": {"model": {"arch": "baseline"}}, "resnet": {"model": {"arch": "resnet"}}, **values,
+        "experiment": "tests", "device": "cpu", "precision": "fp32", "eval_train_size": 0, "eval_batch_size": 256,
+        "log_model": False, "baseline": train_config().model_dump(), "resnet": train_config(model=RESNET).model_dump(),
+        **values,
     })
 
 
 def train_config(**values) -> Recipe:
     return Recipe.model_validate({
-        "model": BASELINE, "epochs": 4, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.003}, **values,
+        "model": BASELINE, "epochs": 4, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.003}, "seed": 0,
+        **values,
     })
 
 
@@ -205,16 +208,13 @@ def test_every_optimizer_and_schedule_trains(tmp_path, optimizer, schedule):
 
 def test_make_optimizer_builds_the_named_optimizer():
     params = [torch.nn.Parameter(torch.zeros(3))]
-    base = {"model": BASELINE}
-    sgd = make_optimizer(Recipe.model_validate(
-        {**base, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}}), params)
+    sgd = make_optimizer(train_config(optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}), params)
     assert type(sgd) is torch.optim.SGD and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
-    no_momentum = make_optimizer(Recipe.model_validate(
-        {**base, "optimizer": {"name": "sgd", "momentum": 0.0, "nesterov": True}}), params)
+    no_momentum = make_optimizer(train_config(optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": True}),
+                                 params)
     assert not no_momentum.defaults["nesterov"], "nesterov needs momentum: dropped rather than an error"
-    adam = make_optimizer(Recipe.model_validate({**base, "optimizer": {"name": "adam", "lr": 0.002}}), params)
-    adamw = make_optimizer(Recipe.model_validate(
-        {**base, "optimizer": {"name": "adamw", "weight_decay": 0.05}}), params)
+    adam = make_optimizer(train_config(optimizer={"name": "adam", "lr": 0.002}), params)
+    adamw = make_optimizer(train_config(optimizer={"name": "adamw", "lr": 0.001, "weight_decay": 0.05}), params)
     assert type(adam) is torch.optim.Adam and adam.defaults["lr"] == 0.002
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
 
@@ -619,17 +619,47 @@ def test_a_checkpoint_that_is_not_a_mapping_is_ignored(tmp_path, capsys):
 
 def test_weight_decay_scope_weights_leaves_norms_and_biases_undecayed():
     model = models.build_model(config.ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool"))
-    cfg = Recipe.model_validate({"model": {"arch": "resnet", "width": 4, "blocks": [1, 0, 1],
-                                                "downsample": "pool"},
-                                      "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4,
-                                                    "weight_decay_scope": "weights"}})
+    cfg = train_config(model={"arch": "resnet", "width": 4, "blocks": [1, 0, 1], "downsample": "pool"},
+                       optimizer={"name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "weight_decay_scope": "weights"})
     optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
     decayed, undecayed = optimizer.param_groups
     assert decayed["weight_decay"] == 5e-4 and undecayed["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in undecayed["params"])
     assert len(decayed["params"]) + len(undecayed["params"]) == len(list(model.parameters()))
-    everything = Recipe.model_validate({**cfg.model_dump(), "optimizer": {"name": "sgd", "weight_decay": 5e-4}})
+    everything = train_config(model=cfg.model.model_dump(), optimizer={"name": "sgd", "lr": 0.1, "weight_decay": 5e-4})
     assert len(parameter_groups(model, everything)) == 1
+
+
+AVERAGED = {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "ema_decay": 0.9}
+
+
+def test_recomputing_the_averages_batch_norm_leaves_the_training_trajectory_alone(tmp_path):
+    recipe = {**AVERAGED, "model": {**RESNET, "dropout": 0.2}}  # dropout: the recomputation draws random masks
+    plain = run_fit(tmp_path / "plain", train_config(**recipe))
+    recomputed = run_fit(tmp_path / "recomputed", train_config(**recipe, ema_batch_norm_images=100))
+    assert [(r["train_loss"], r["train_acc"]) for r in recomputed.history] == \
+        [(r["train_loss"], r["train_acc"]) for r in plain.history]
+    assert val_accuracy(recomputed.model) == pytest.approx(recomputed.history[-1]["val_acc"]), \
+        "the kept model is the one scored, statistics included"
+
+
+def test_the_averages_batch_norm_statistics_are_those_of_the_given_training_images(tmp_path):
+    cfg = train_config(**AVERAGED, model=RESNET, ema_batch_norm_images=100)
+    kept = run_fit(tmp_path, cfg).model
+    expected = models.build_model(cfg.model)
+    expected.load_state_dict(kept.state_dict())
+    images, _ = clean_subset(torch.from_numpy(TRAIN.images).float(), torch.from_numpy(TRAIN.labels), 100, cfg.seed)
+    recompute_batch_norm(expected, images, cfg.batch_size)
+    for (name, got), want in zip(kept.named_buffers(), expected.buffers()):
+        if "running" in name:
+            torch.testing.assert_close(got, want, msg=name)
+    averaged = run_fit(tmp_path / "averaged", train_config(**AVERAGED, model=RESNET)).model
+
+    def first_mean(model: torch.nn.Module) -> torch.Tensor:
+        return next(b for n, b in model.named_buffers() if n.endswith("running_mean"))
+
+    assert not torch.equal(first_mean(kept), first_mean(averaged)), \
+        "without the option the statistics are the averaged ones"
 
 
 def test_a_whitening_stem_is_fitted_to_the_training_images_and_stays_frozen(tmp_path):

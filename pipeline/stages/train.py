@@ -34,15 +34,15 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
         return {}
     tracking.require_tracking(f"train_{name}")  # a tracking server that is down stops the stage before training
 
-    # Once training starts, MLflow failures are recorded in `log` instead of failing the stage.
+    # Once the run is open, MLflow failures are recorded in `log` instead of failing the stage.
     log = tracking.StageLog(name)
     # GPU runs record MLflow's system metrics (GPU use and memory), to see whether the GPU was kept busy.
     on_gpu = select_device(config.train.device).type == "cuda"
     with tracking.stage_run(config, f"train_{name}", run_name=name, parent_run_id=parent_run_id,
                             resume_run_id=resume["run_id"] if resume else None, log=log,
                             system_metrics=on_gpu) as run:
-        if resume is None:  # a resumed run has them
-            tracking.record_inputs(config, name, {"train": train, "val": val}, stats, do=log.do)
+        tracking.record_inputs(config, name, {"train": train, "val": val}, stats, do=log.do,
+                               resumed=resume is not None)
 
         checkpoint.run_id = run.info.run_id
         result = fit(train_cfg, config.train, train, val, checkpoint, on_epoch=log.epoch, resume=resume,
