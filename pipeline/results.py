@@ -163,6 +163,8 @@ def export_tried(path: Path = TRIED) -> Path:
     rows = []
     for run in client.search_runs(experiments, filter_string="tags.`dvc.stage` = 'train_resnet'",
                                   order_by=["attributes.start_time ASC"]):
+        if tracking.RELOGGED_FROM_TAG in run.data.tags:
+            continue  # log-run's record of a training that is listed already
         history = pd.DataFrame({key: epoch_values(client, run, key)
                                 for key in ("train_acc", "train_eval_acc", "val_acc", "epoch_time_s")})
         if history.empty:
