@@ -167,6 +167,45 @@ def stop_cleanly_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def train_stage(config, args: argparse.Namespace, argv: list[str], progress: bool) -> int:
+    """`train <model>`: in this process, or in train.nproc processes under torchrun, one training at a time."""
+    from pipeline import distributed, tracking
+    from pipeline.stages import check, train
+
+    check.preflight(config)
+    if distributed.under_launcher():  # a rank of torchrun: the process that launched it holds the lock
+        train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
+        return 0
+    with training_lock(args.model):
+        if config.train.nproc > 1:
+            tracking.require_tracking(f"train_{args.model}")  # before any process starts training
+            return torchrun(config.train.nproc, argv)
+        train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
+    return 0
+
+
+def all_stages(config, args: argparse.Namespace, overrides: list[str], progress: bool) -> int:
+    """`all`: every stage in this process, without DVC, the stage runs under one parent run."""
+    from pipeline import tracking
+    from pipeline.stages import check, download, evaluate, normalize
+
+    check.preflight(config)
+    tracking.require_tracking("all")  # before the data stages
+    download.run(config)
+    normalize.run(config)
+    # The parent run opens once the data is in place: bad data leaves no empty run behind.
+    # Under `mlflow run`, its run is the parent of the stage runs.
+    parent = os.environ.pop("MLFLOW_RUN_ID", None)
+    if parent is None:
+        parent = tracking.parent_run(config)
+    for model in MODEL_NAMES:
+        with training_lock(model):
+            if not train_in_all(config, model, args, overrides, parent, progress):
+                return 1
+    evaluate.run(config, parent_run_id=parent)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -178,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             # Read by tqdm when it is imported (below): also silences torchvision's download bar.
             os.environ["TQDM_DISABLE"] = "1"
         # Imported here so that --help and config errors answer without loading torch and mlflow.
-        from pipeline import distributed, tracking
-        from pipeline.stages import check, download, evaluate, log_run, normalize, seeds, train
+        from pipeline.stages import check, download, evaluate, log_run, normalize, seeds
 
         if args.stage == "check":
             check.run(config)
@@ -188,15 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "normalize":
             normalize.run(config)
         elif args.stage == "train":
-            check.preflight(config)
-            if distributed.under_launcher():  # a rank of torchrun: the process that launched it holds the lock
-                train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
-                return 0
-            with training_lock(args.model):
-                if config.train.nproc > 1:
-                    tracking.require_tracking(f"train_{args.model}")  # before any process starts training
-                    return torchrun(config.train.nproc, argv)
-                train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
+            return train_stage(config, args, argv, progress)
         elif args.stage == "evaluate":
             evaluate.run(config)
         elif args.stage == "log-run":
@@ -210,20 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             check.preflight(config)
             return dvc_experiment(overrides, args.model)
         else:
-            check.preflight(config)
-            tracking.require_tracking("all")  # before the data stages
-            download.run(config)
-            normalize.run(config)
-            # The parent run opens once the data is in place: bad data leaves no empty run behind.
-            # Under `mlflow run`, its run is the parent of the stage runs.
-            parent = os.environ.pop("MLFLOW_RUN_ID", None)
-            if parent is None:
-                parent = tracking.parent_run(config)
-            for model in MODEL_NAMES:
-                with training_lock(model):
-                    if not train_in_all(config, model, args, overrides, parent, progress):
-                        return 1
-            evaluate.run(config, parent_run_id=parent)
+            return all_stages(config, args, overrides, progress)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

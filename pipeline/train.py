@@ -280,34 +280,38 @@ class FitResult:
 
 def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                 schedule, ema: AveragedModel | None, x: Tensor, y: Tensor, epoch_batches: list[Tensor], bf16: bool,
-                bar: tqdm) -> dict:
-    """One pass over the batches in training mode. Returns the running (training-mode) loss and
-    accuracy, the learning rate of the last step and the images seen, summed over all processes."""
+                desc: str, show_progress: bool) -> dict:
+    """One pass over the batches in training mode, under a progress bar. Returns the running
+    (training-mode) loss and accuracy and the images per second, over all processes, and the learning
+    rate of the last step."""
     device = x.device
+    started = time.perf_counter()
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, lr = 0, optimizer.param_groups[0]["lr"]
-    for step, index in enumerate(epoch_batches):
-        images, labels = x[index], y[index]
-        logits, loss = train_step(net, criterion, optimizer, images, labels, bf16)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        schedule.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        # Running figures stay on the device: no host sync per step.
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-        bar.update()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+    with tqdm(total=len(epoch_batches), desc=desc, unit="batch", leave=False, disable=not show_progress) as bar:
+        for step, index in enumerate(epoch_batches):
+            images, labels = x[index], y[index]
+            logits, loss = train_step(net, criterion, optimizer, images, labels, bf16)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            schedule.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            # Running figures stay on the device: no host sync per step.
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            bar.update()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
     seen = torch.tensor(seen, device=device)
     distributed.all_reduce_sum(loss_sum, correct, seen)
     seen = seen.item()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "lr": lr, "seen": seen}
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "lr": lr,
+            "images_per_s": seen / (time.perf_counter() - started)}
 
 
 def evaluate(scored: nn.Module, x_eval: Tensor, y_eval: Tensor, x_val: Tensor, y_val: Tensor,
@@ -401,17 +405,14 @@ def fit(
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
         epoch_batches = process_batches(len(y_train), cfg.batch_size, cfg.seed, epoch, device)
-        with tqdm(total=len(epoch_batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                  disable=not (progress and ctx.is_main)) as bar:
-            running = train_epoch(net, model, criterion, optimizer, schedule, ema, x_train, y_train,
-                                  epoch_batches, bf16, bar)
-        train_time = time.perf_counter() - started
+        running = train_epoch(net, model, criterion, optimizer, schedule, ema, x_train, y_train, epoch_batches, bf16,
+                              f"epoch {epoch}/{cfg.epochs}", progress and ctx.is_main)
         if ema is not None and x_norm is not None:  # statistics that fit the averaged weights
             recompute_batch_norm(scored, x_norm, cfg.batch_size, bf16)
         scores = evaluate(scored, x_eval, y_eval, x_val, y_val, settings.eval_batch_size, bf16)
         record = {"epoch": epoch, "train_loss": running["train_loss"], "train_acc": running["train_acc"], **scores,
                   "lr": running["lr"], "epoch_time_s": time.perf_counter() - started,
-                  "images_per_s": running["seen"] / train_time}
+                  "images_per_s": running["images_per_s"]}
         history.append(record)
         if not ctx.is_main:
             continue  # rank 0 alone selects, reports and checkpoints

@@ -56,8 +56,24 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
             print(f"warning: the MLflow run of train_{name} is incomplete ({missing}): record the stage with "
                   f"`python -m pipeline log-run {name}`, then rerun evaluate", file=sys.stderr)
     targets = evaluate.check_targets(config, rows["resnet"], rows["resnet"]["trained"], classes)
-    all_hold = all(t["holds"] for t in targets.values())
+    metrics = _metrics(rows, targets, device)
+    table = evaluate.comparison_table(rows)
+    _write_outputs(config, rows, histories, targets, table, classes, splits["test"].labels, device)
+    paths.METRICS.mkdir(exist_ok=True)
+    (paths.METRICS / "evaluate.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
+    print(f"wrote {paths.REPORTS}/, {paths.PLOTS / 'evaluate'}/ and {paths.METRICS / 'evaluate.json'}; "
+          "recording the evaluate run in MLflow", flush=True)
+    registered = _record(config, metrics, tracked, stats, parent_run_id)
+    print(table.to_string())
+    print("all targets hold" if metrics["all_targets_hold"] else "not every target holds: see reports/report.md")
+    if registered:
+        print(registered)
+    return metrics
+
+
+def _metrics(rows: dict, targets: dict, device: torch.device) -> dict:
+    """metrics/evaluate.json: the figures people compare, per model, and whether each target holds."""
     metrics = {
         name: {
             **{k: r[k] for k in ("train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "gap")},
@@ -69,12 +85,16 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
         for name, r in rows.items()
     }
     metrics["targets"] = {name: t["holds"] for name, t in targets.items()}
-    metrics["all_targets_hold"] = all_hold
+    metrics["all_targets_hold"] = all(t["holds"] for t in targets.values())
     # Where the figures were measured (the stages run on one machine; train times depend on it).
     metrics["machine"] = {"device": device_name(device), "cpu": evaluate.cpu_model(),
                           "threads": torch.get_num_threads()}
+    return metrics
 
-    table = evaluate.comparison_table(rows)
+
+def _write_outputs(config: Config, rows: dict, histories: dict, targets: dict, table: pd.DataFrame,
+                   classes: list[str], test_labels, device: torch.device) -> None:
+    """reports/ (the report, its figures, per-class accuracy) and plots/evaluate/ (the confusion matrices)."""
     per_class = pd.DataFrame({name: r["per_class_acc"] for name, r in rows.items()}, index=classes)
     per_class.index.name = "class"
     limits = config.evaluate.targets
@@ -88,14 +108,14 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
         per_class.to_csv(report_dir / "per_class_test_acc.csv")
     with replacing_dir(paths.PLOTS / "evaluate") as plot_dir:
         for name, r in rows.items():
-            pd.DataFrame({"actual": [classes[i] for i in splits["test"].labels],
+            pd.DataFrame({"actual": [classes[i] for i in test_labels],
                           "predicted": [classes[i] for i in r["predicted"]]}).to_csv(
                 plot_dir / f"confusion_{name}.csv", index=False)
-    paths.METRICS.mkdir(exist_ok=True)
-    (paths.METRICS / "evaluate.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    print(f"wrote {paths.REPORTS}/, {paths.PLOTS / 'evaluate'}/ and {paths.METRICS / 'evaluate.json'}; "
-          "recording the evaluate run in MLflow", flush=True)
+
+def _record(config: Config, metrics: dict, tracked: dict, stats: dict, parent_run_id: str | None) -> str | None:
+    """The evaluate run (each model's figures, the report), the registered ResNet and the parent's headline."""
+    all_hold = metrics["all_targets_hold"]
     with tracking.stage_run(config, "evaluate", run_name="evaluate", parent_run_id=parent_run_id) as run:
         mlflow.set_tags({f"{name}.run_id": tracked[name]["run_id"] for name in paths.MODEL_NAMES})
         mlflow.set_tags({**tracking.data_tags(stats), "all_targets_hold": str(all_hold).lower()})
@@ -107,11 +127,7 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
         parent = parent_run_id or run.data.tags.get("mlflow.parentRunId")
         if parent:
             tracking.summarize_parent(parent, metrics)
-    print(table.to_string())
-    print("all targets hold" if all_hold else "not every target holds: see reports/report.md")
-    if registered:
-        print(registered)
-    return metrics
+    return registered
 
 
 def _register(config: Config, model_uri: str | None, all_hold: bool) -> str | None:

@@ -9,15 +9,42 @@ import mlflow
 import pandas as pd
 
 from pipeline import data, distributed, models, paths, tracking
-from pipeline.config import Config
+from pipeline.config import Config, Recipe
 from pipeline.device import select_device
-from pipeline.train import Checkpoint, fit
+from pipeline.train import Checkpoint, FitResult, fit
 
 
 def fingerprint(config: Config, name: str) -> str:
     """What a trained model depends on: the data and its own section of params."""
     return config.fingerprint("data", f"train.{name}", "train.eval_train_size", "train.deterministic",
                               "train.nproc", "train.precision")
+
+
+def write_outputs(name: str, train_cfg: Recipe, result: FitResult, key: str) -> dict:
+    """models/<name>/model.pt, metrics/<name>.json (the kept epoch's figures; returned) and history.csv."""
+    history = pd.DataFrame(result.history)
+    chosen = history.loc[history["epoch"] == result.selected_epoch].iloc[0]
+    summary = {
+        "selected_epoch": int(result.selected_epoch),
+        "epochs": int(train_cfg.epochs),
+        "select": train_cfg.select,
+        "train_acc": float(chosen["train_acc"]),
+        "train_eval_acc": float(chosen["train_eval_acc"]),
+        "val_acc": float(chosen["val_acc"]),
+        "val_loss": float(chosen["val_loss"]),
+        "train_loss": float(chosen["train_loss"]),
+        "train_time_s": float(history["epoch_time_s"].sum()),
+        "images_per_s": float(history["images_per_s"].median()),
+        "parameters": models.count_parameters(result.model),
+    }
+    paths.model_file(name).parent.mkdir(parents=True, exist_ok=True)
+    models.save(paths.model_file(name), train_cfg.model, result.state, fingerprint=key,
+                selected_epoch=result.selected_epoch)
+    paths.metrics_file(name).parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics_file(name).write_text(json.dumps(summary, indent=2) + "\n")
+    paths.history_file(name).parent.mkdir(parents=True, exist_ok=True)
+    history.to_csv(paths.history_file(name), index=False)
+    return summary
 
 
 def run(config: Config, name: str, parent_run_id: str | None = None, progress: bool = True) -> dict:
@@ -49,31 +76,8 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
                      progress=progress)
         log.do("the device tags", mlflow.set_tags, {"device": tracking.environment_tags(result.device)["device"],
                                                     "precision": result.precision})
-        history = pd.DataFrame(result.history)
-        chosen = history.loc[history["epoch"] == result.selected_epoch].iloc[0]
-        summary = {
-            "selected_epoch": int(result.selected_epoch),
-            "epochs": int(train_cfg.epochs),
-            "select": train_cfg.select,
-            "train_acc": float(chosen["train_acc"]),
-            "train_eval_acc": float(chosen["train_eval_acc"]),
-            "val_acc": float(chosen["val_acc"]),
-            "val_loss": float(chosen["val_loss"]),
-            "train_loss": float(chosen["train_loss"]),
-            "train_time_s": float(history["epoch_time_s"].sum()),
-            "images_per_s": float(history["images_per_s"].median()),
-            "parameters": models.count_parameters(result.model),
-        }
-
         # The DVC outputs come first: a tracking failure after this point loses no trained model.
-        paths.model_file(name).parent.mkdir(parents=True, exist_ok=True)
-        models.save(paths.model_file(name), train_cfg.model, result.state, fingerprint=key,
-                    selected_epoch=result.selected_epoch)
-        paths.metrics_file(name).parent.mkdir(parents=True, exist_ok=True)
-        paths.metrics_file(name).write_text(json.dumps(summary, indent=2) + "\n")
-        paths.history_file(name).parent.mkdir(parents=True, exist_ok=True)
-        history.to_csv(paths.history_file(name), index=False)
-
+        summary = write_outputs(name, train_cfg, result, key)
         # Recorded from the files just written, as log-run records them.
         model_uri = tracking.record_outputs(config, name, val.images[:4].astype("float32"), do=log.do)
     # After the run's end, so that `complete` covers every record, the end included.
