@@ -1,7 +1,7 @@
 """Stage log-run (`python -m pipeline log-run <model>`): a finished training stage's DVC outputs as a
 new MLflow run, for a stage whose tracking server was lost.
 
-Params come from the config, the per-epoch metrics from plots/<name>/history.csv, the final metrics
+Params come from the config, the per-epoch metrics from plots/<name>/history.csv, the kept epoch's metrics
 from metrics/<name>.json, the model from models/<name>/model.pt (when train.log_model), the history
 and learning curves as artifacts. models/<name>/mlflow.json then points at the new run.
 """
@@ -70,7 +70,7 @@ def run(config: Config, name: str) -> str:
         except Exception:
             pass  # another store, or deleted: nothing to point
     return (f"logged {stage}'s outputs as MLflow run {run_id} in {tracking.shown_uri()} (experiment "
-            f"{config.train.experiment}): params, {len(history)} epochs of metrics, final metrics, "
+            f"{config.train.experiment}): params, {len(history)} epochs of metrics, the kept epoch's metrics, "
             f"artifacts{', model ' + model_uri if model_uri else ''}.\n"
             f"{tracking_file} now points at it. Under DVC, record that change without retraining: "
             f"dvc commit -f {stage}")
