@@ -127,16 +127,32 @@ class Recipe(Strict):
     final_lr_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     label_smoothing: Probability = 0.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
-    # 0: the average's batch-norm statistics are averaged with its weights. N > 0: recomputed from N training
-    # images, in training mode, before each evaluation, so that they fit the averaged weights (as SWA does):
-    # the longer the average's horizon, the more the averaged statistics lag behind its weights.
-    ema_batch_norm_images: Annotated[int, Field(strict=True, ge=0)] = 0
+    # In the last N epochs (all of them if N >= epochs), the scored weights are the uniform average of the
+    # weights after every step since those epochs began (SWA, Izmailov et al., 2018), not the EMA (or the
+    # raw weights) that earlier epochs score. Counted from the end, so that `-S epochs=3` still runs.
+    swa_epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)] | None = None
+    # 0: an EMA's batch-norm statistics are averaged with its weights. N > 0: the scored average's statistics
+    # are recomputed from N training images, in training mode, before each evaluation, so that they fit the
+    # averaged weights: the longer the average's horizon, the more averaged statistics lag behind its weights.
+    average_batch_norm_images: Annotated[int, Field(strict=True, ge=0)] = 0
     seed: Annotated[int, Field(strict=True)]
     # Which epoch's weights become the stage's model. "best_val_under_target": the best
     # validation accuracy among epochs whose training accuracy (running, training mode)
     # stays below select_train_acc_max; falls back to the last epoch if none does.
     select: Literal["last", "best_val", "best_val_under_target"] = "last"
     select_train_acc_max: Annotated[float, Field(gt=0.0, le=1.0)] = 0.92
+
+    @property
+    def swa_start_epoch(self) -> int | None:
+        return None if self.swa_epochs is None else max(1, self.epochs - self.swa_epochs + 1)
+
+    @model_validator(mode="after")
+    def _swa_has_batch_norm_statistics(self) -> "Recipe":
+        if self.swa_epochs is not None and not self.average_batch_norm_images:
+            raise ValueError("swa_epochs needs average_batch_norm_images > 0: a uniform average of weights has no "
+                             "batch-norm statistics of its own, so they are recomputed from that many training "
+                             "images (5000 is plenty)")
+        return self
 
 
 class TrainSection(Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import yaml
@@ -189,7 +190,7 @@ def export_tried(path: Path = TRIED) -> Path:
             "batch_size": param("batch_size"), "lr": param("optimizer.lr"),
             "weight_decay": param("optimizer.weight_decay"),
             "final_lr_fraction": param("final_lr_fraction", "0.0"),
-            "ema_decay": param("ema_decay"), "epochs_planned": param("epochs"),
+            "average": scored_average(param), "epochs_planned": param("epochs"),
             "epochs_run": len(history),
             "best_epoch_under_92": int(best.name) if best is not None else None,
             "val_acc": best["val_acc"] if best is not None else None,
@@ -203,9 +204,17 @@ def export_tried(path: Path = TRIED) -> Path:
     return path
 
 
+def scored_average(param: Callable[..., str | None]) -> str:
+    """The weight average a run scored, in words, from its MLflow params."""
+    swa, ema = param("swa_epochs", "None"), param("ema_decay", "None")
+    average = f"SWA of the last {swa} epochs" if swa != "None" else f"EMA {ema}" if ema != "None" else "none"
+    images = param("average_batch_norm_images", "0")
+    return average + (f", batch norm from {images} images" if images != "0" and average != "none" else "")
+
+
 def tried_table(path: Path = TRIED) -> list[str]:
     tried = pd.read_csv(path)
-    lines = ["| run | model | dropout / head | batch, peak lr, final lr, weight decay | EMA | epochs run / planned "
+    lines = ["| run | model | dropout / head | batch, peak lr, final lr, weight decay | average | epochs run / planned "
              "| best epoch with running < 92% | val acc | running / clean (subset) train acc | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in tried.itertuples():
@@ -213,7 +222,7 @@ def tried_table(path: Path = TRIED) -> list[str]:
                    f"{pct(row.train_clean_subset_acc)}") if row.val_acc == row.val_acc else "none | | "
         lines.append(f"| `{row.run}` | {row.model} | {row.dropout} / {row.head_dropout} | "
                      f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak, "
-                     f"{getattr(row, 'weight_decay', '')} | {row.ema_decay} | "
+                     f"{getattr(row, 'weight_decay', '')} | {row.average} | "
                      f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,} |")
     return lines
 
@@ -243,6 +252,8 @@ def write() -> Path:
     histories = {name: pd.read_csv(paths.history_file(name)) for name in paths.MODEL_NAMES}
     lock = yaml.safe_load(Path("dvc.lock").read_text())
     data_params = lock["stages"]["download"]["params"]["params.yaml"]
+    recipe = lock["stages"]["train_resnet"]["params"]["params.yaml"]["train.resnet"]
+    scored = scored_average(lambda key, default=None: str(recipe.get(key, default)))
     seeds_file = paths.METRICS / "seeds.json"
     seeds = seeds_of_committed_recipe(json.loads(seeds_file.read_text()) if seeds_file.exists() else None, lock)
     machine = evaluated.get("machine", {})
@@ -274,7 +285,7 @@ def write() -> Path:
         f"{'offline JPEG copy' if data_params['data.md5'] == OFFLINE_COPY_MD5 else 'see above'}]"
         f"({CURVES.name})",
         "",
-        f"## The ResNet, epoch by epoch (the weight average is scored; rule `{trained['resnet']['select']}`)",
+        f"## The ResNet, epoch by epoch (scored: {scored}; rule `{trained['resnet']['select']}`)",
         "",
         *epochs_table(histories["resnet"], trained["resnet"]["selected_epoch"]),
         "",

@@ -449,9 +449,9 @@ def record_inputs(config: Config, name: str, splits: dict[str, Split], stats: di
 
 
 def record_outputs(config: Config, name: str, example: np.ndarray, do=call) -> str | None:
-    """What a finished training stage recorded in its DVC outputs, recorded in MLflow: the final metrics
-    (metrics/<name>.json), the selection tags, history.csv, the learning curves and, if train.log_model,
-    the model (models/<name>/model.pt; its URI is returned). The per-epoch metrics are not among them:
+    """What a finished training stage recorded in its DVC outputs, recorded in MLflow: the kept epoch's
+    metrics (metrics/<name>.json), the selection tags, history.csv, the learning curves and, if
+    train.log_model, the model (models/<name>/model.pt; its URI is returned). The per-epoch metrics are not among them:
     the stage logs each epoch as it ends, log-run replays history.csv (`record_epochs`)."""
     recipe = getattr(config.train, name)
     summary = json.loads(paths.metrics_file(name).read_text())

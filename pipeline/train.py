@@ -30,7 +30,7 @@ from pipeline.data import Split
 from pipeline.device import autocast, memory_format, select_device, to_device_tensor, uses_bf16
 from pipeline.models import build_model, fit_to_data
 
-CHECKPOINT_VERSION = 5  # 4: loaded with weights_only (plain data only); 5: the average is an AveragedModel
+CHECKPOINT_VERSION = 6  # 4: loaded with weights_only (plain data only); 5: the average is an AveragedModel; 6: EMA or SWA
 WHITENING_IMAGES = 5000  # training images whose patches set a whitening stem
 
 
@@ -136,6 +136,22 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel:
     averaged.requires_grad_(False)
     averaged.update_parameters(model)  # AveragedModel's first update copies
     return averaged
+
+
+def uniform_average(model: nn.Module) -> AveragedModel:
+    """SWA: the plain mean of the weights `update_parameters` is given, from the first on. Its batch-norm
+    statistics stay those of `model` now, so they must be recomputed before it is scored."""
+    averaged = AveragedModel(model, use_buffers=False)
+    averaged.requires_grad_(False)
+    return averaged
+
+
+def average_after(model: nn.Module, cfg: Recipe, epoch: int) -> AveragedModel | None:
+    """An empty average of the kind that stands after epoch `epoch` (0: before training), for a fresh run
+    to start with or a checkpoint to fill: the SWA from swa_start_epoch on, the EMA before it, or None."""
+    if cfg.swa_start_epoch is not None and epoch >= cfg.swa_start_epoch:
+        return uniform_average(model)
+    return weight_average(model, cfg.ema_decay) if cfg.ema_decay else None
 
 
 @torch.no_grad()
@@ -279,8 +295,8 @@ class FitResult:
 
 
 def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                schedule, ema: AveragedModel | None, x: Tensor, y: Tensor, epoch_batches: list[Tensor], bf16: bool,
-                desc: str, show_progress: bool) -> dict:
+                schedule, average: AveragedModel | None, x: Tensor, y: Tensor, epoch_batches: list[Tensor],
+                bf16: bool, desc: str, show_progress: bool) -> dict:
     """One pass over the batches in training mode, under a progress bar. Returns the running
     (training-mode) loss and accuracy and the images per second, over all processes, and the learning
     rate of the last step."""
@@ -296,8 +312,8 @@ def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimize
             logits, loss = train_step(net, criterion, optimizer, images, labels, bf16)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             schedule.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            if average is not None:
+                average.update_parameters(model)
             # Running figures stay on the device: no host sync per step.
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
@@ -348,21 +364,22 @@ def build_networks(cfg: Recipe, settings: TrainSection, device: torch.device, x_
     return model, net
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: AveragedModel | None,
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, average: AveragedModel | None,
                    selection: Selection, history: list[dict]) -> dict:
     """What a checkpoint holds besides its header; `restore` puts it back."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "history": history, "best": selection.to_dict()}
+            "average": average.state_dict() if average is not None else None, "history": history,
+            "best": selection.to_dict()}
 
 
-def restore(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: AveragedModel | None,
+def restore(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, average: AveragedModel | None,
             selection: Selection) -> list[dict]:
     """Puts a checkpoint's state back into the training objects; returns the history so far."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
-    if ema is not None:
-        ema.load_state_dict(saved["ema"])
+    if average is not None:
+        average.load_state_dict(saved["average"])
     selection.load_dict(saved["best"])
     return saved["history"]
 
@@ -386,28 +403,31 @@ def fit(
     x_val, y_val = to_device_tensor(val, device)
     model, net = build_networks(cfg, settings, device, x_train, fresh=resume is None)
     x_eval, y_eval = clean_subset(x_train, y_train, settings.eval_train_size, cfg.seed)
-    x_norm = clean_subset(x_train, y_train, cfg.ema_batch_norm_images, cfg.seed)[0] if cfg.ema_batch_norm_images \
-        else None  # training images whose batch statistics the average's batch norm takes
+    x_norm = clean_subset(x_train, y_train, cfg.average_batch_norm_images, cfg.seed)[0] \
+        if cfg.average_batch_norm_images else None  # training images whose batch statistics the average takes
 
     steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
     optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
     schedule = make_schedule(cfg, optimizer, cfg.epochs * steps_per_epoch)
-    ema = weight_average(model, cfg.ema_decay) if cfg.ema_decay else None
-    scored = ema.module if ema is not None else model  # the weights that are evaluated and selected
+    first_epoch = resume["epoch"] + 1 if resume else 1
+    average = average_after(model, cfg, first_epoch - 1)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     selection = Selection(cfg.select, cfg.select_train_acc_max)
     history = []
     if resume is not None:
-        history = restore(resume, model, optimizer, schedule, ema, selection)
+        history = restore(resume, model, optimizer, schedule, average, selection)
         print(f"resuming from {checkpoint.path} after epoch {resume['epoch']} of {cfg.epochs}")
 
-    for epoch in range(resume["epoch"] + 1 if resume else 1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if epoch == cfg.swa_start_epoch:
+            average = uniform_average(model)
+        scored = average.module if average is not None else model  # the weights evaluated and selected
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
         epoch_batches = process_batches(len(y_train), cfg.batch_size, cfg.seed, epoch, device)
-        running = train_epoch(net, model, criterion, optimizer, schedule, ema, x_train, y_train, epoch_batches, bf16,
-                              f"epoch {epoch}/{cfg.epochs}", progress and ctx.is_main)
-        if ema is not None and x_norm is not None:  # statistics that fit the averaged weights
+        running = train_epoch(net, model, criterion, optimizer, schedule, average, x_train, y_train, epoch_batches,
+                              bf16, f"epoch {epoch}/{cfg.epochs}", progress and ctx.is_main)
+        if average is not None and x_norm is not None:  # statistics that fit the averaged weights
             recompute_batch_norm(scored, x_norm, cfg.batch_size, bf16)
         scores = evaluate(scored, x_eval, y_eval, x_val, y_val, settings.eval_batch_size, bf16)
         record = {"epoch": epoch, "train_loss": running["train_loss"], "train_acc": running["train_acc"], **scores,
@@ -420,7 +440,7 @@ def fit(
         report(record, cfg.epochs)
         if on_epoch is not None:
             on_epoch(record)
-        checkpoint.save(epoch, epoch == cfg.epochs, **training_state(model, optimizer, schedule, ema, selection,
+        checkpoint.save(epoch, epoch == cfg.epochs, **training_state(model, optimizer, schedule, average, selection,
                                                                      history))
     distributed.shutdown()
     precision = "bf16" if bf16 else "fp32"

@@ -317,3 +317,13 @@ def test_an_even_drop_block_size_is_refused_with_the_key_named():
     assert load_with("train.resnet.model.drop_block_size=3").train.resnet.model.drop_block_size == 3
     message = refused("train.resnet.model.drop_block_size=3", "train.resnet.model.dropout=0")
     assert "dropout is 0" in message
+
+
+def test_swa_covers_the_last_epochs_and_needs_its_statistics_recomputed():
+    assert "train.resnet.swa_epochs" in refused("train.resnet.swa_epochs=0")
+    message = refused("train.resnet.swa_epochs=2", "train.resnet.average_batch_norm_images=0")
+    assert "swa_epochs needs average_batch_norm_images > 0" in message
+    swa = ("train.resnet.swa_epochs=4", "train.resnet.average_batch_norm_images=100")
+    assert load_with(*swa, "train.resnet.epochs=9").train.resnet.swa_start_epoch == 6
+    assert load_with(*swa, "train.resnet.epochs=3").train.resnet.swa_start_epoch == 1, "a short run averages it all"
+    assert load_with("train.resnet.swa_epochs=null").train.resnet.swa_start_epoch is None

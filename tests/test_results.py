@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from pipeline import config, results
@@ -49,3 +50,14 @@ def test_tried_lists_runs_recorded_under_either_metric_naming_once(tmp_path, mon
     assert len(tried) == 2
     assert list(tried["epochs_run"]) == [2, 2] and list(tried["best_epoch_under_92"]) == [1, 1]
     assert list(tried["val_acc"]) == [0.65, 0.65] and list(tried["seconds"]) == [21, 21]
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"ema_decay": "0.995"}, "EMA 0.995"),
+    ({"ema_decay": "None", "swa_epochs": "4", "average_batch_norm_images": "5000"},
+     "SWA of the last 4 epochs, batch norm from 5000 images"),
+    ({"ema_decay": "0.999", "average_batch_norm_images": "5000"}, "EMA 0.999, batch norm from 5000 images"),
+    ({"ema_decay": "None", "average_batch_norm_images": "5000"}, "none"),
+])
+def test_the_tried_table_names_the_scored_average(params, words):
+    assert results.scored_average(lambda key, default=None: params.get(key, default)) == words

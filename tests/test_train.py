@@ -28,6 +28,7 @@ from pipeline.data import Split, load_split
 from pipeline.stages import download, normalize
 from pipeline.stages import train as train_stage
 from pipeline.device import uses_bf16
+from pipeline import train as train_module
 from pipeline.train import (CHECKPOINT_VERSION, Checkpoint, Selection, batches, fit, make_optimizer, make_schedule,
                             clean_subset, parameter_groups, predict, recompute_batch_norm, score, train_step,
                             weight_average)
@@ -308,8 +309,8 @@ def test_ema_weights_are_the_ones_evaluated_and_selected(tmp_path):
     result = run_fit(tmp_path, train_config(model=model, epochs=2, ema_decay=0.9, optimizer={"name": "sgd", "lr": 0.05}),
                      SMALL_TRAIN, SMALL_VAL)
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert final["ema"] is not None
-    averaged = {k.removeprefix("module."): v for k, v in final["ema"].items() if k.startswith("module.")}
+    assert final["average"] is not None
+    averaged = {k.removeprefix("module."): v for k, v in final["average"].items() if k.startswith("module.")}
     assert set(averaged) == set(result.state)
     assert all(torch.equal(result.state[k], averaged[k]) for k in averaged), "the selected weights are the EMA's"
     assert any(not torch.equal(averaged[k], final["model"][k]) for k in averaged if averaged[k].is_floating_point())
@@ -527,11 +528,11 @@ def test_killed_run_resumes_to_the_same_result_and_mlflow_run(tmp_path, monkeypa
     name = "resnet"
     params = tiny_params(archive_url, tiny_archive[1])
     # Wider than the tiny default, so that an epoch takes long enough to be interrupted; dropout,
-    # stochastic depth, onecycle and the EMA (with its warm-up count) make the result depend on the restored
-    # RNG, schedule and averaged weights.
+    # stochastic depth, onecycle, the EMA (with its warm-up count) and then the SWA make the result depend on
+    # the restored RNG, schedule and averaged weights.
     params["train"][name].update(
         model={"arch": "resnet", "width": 16, "blocks": [1, 1], "dropout": 0.1, "stochastic_depth": 0.2},
-        epochs=EPOCHS, schedule="onecycle", ema_decay=0.99)
+        epochs=EPOCHS, schedule="onecycle", ema_decay=0.99, swa_epochs=3, average_batch_norm_images=64)
     killed, intact = tmp_path / "killed", tmp_path / "intact"
     prepare(killed, monkeypatch, params)
     intact.mkdir()
@@ -636,7 +637,7 @@ AVERAGED = {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.
 def test_recomputing_the_averages_batch_norm_leaves_the_training_trajectory_alone(tmp_path):
     recipe = {**AVERAGED, "model": {**RESNET, "dropout": 0.2}}  # dropout: the recomputation draws random masks
     plain = run_fit(tmp_path / "plain", train_config(**recipe))
-    recomputed = run_fit(tmp_path / "recomputed", train_config(**recipe, ema_batch_norm_images=100))
+    recomputed = run_fit(tmp_path / "recomputed", train_config(**recipe, average_batch_norm_images=100))
     assert [(r["train_loss"], r["train_acc"]) for r in recomputed.history] == \
         [(r["train_loss"], r["train_acc"]) for r in plain.history]
     assert val_accuracy(recomputed.model) == pytest.approx(recomputed.history[-1]["val_acc"]), \
@@ -644,7 +645,7 @@ def test_recomputing_the_averages_batch_norm_leaves_the_training_trajectory_alon
 
 
 def test_the_averages_batch_norm_statistics_are_those_of_the_given_training_images(tmp_path):
-    cfg = train_config(**AVERAGED, model=RESNET, ema_batch_norm_images=100)
+    cfg = train_config(**AVERAGED, model=RESNET, average_batch_norm_images=100)
     kept = run_fit(tmp_path, cfg).model
     expected = models.build_model(cfg.model)
     expected.load_state_dict(kept.state_dict())
@@ -660,6 +661,53 @@ def test_the_averages_batch_norm_statistics_are_those_of_the_given_training_imag
 
     assert not torch.equal(first_mean(kept), first_mean(averaged)), \
         "without the option the statistics are the averaged ones"
+
+
+SWA = {"epochs": 3, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "swa_epochs": 2,
+       "average_batch_norm_images": 100}
+
+
+def test_swa_keeps_the_mean_of_every_steps_weights_since_its_start_with_statistics_recomputed(tmp_path, monkeypatch):
+    steps = []  # the weights after every optimizer step
+
+    def recorded_step(net, *args):
+        outputs = train_step(net, *args)
+        steps.append({k: v.detach().clone() for k, v in net.named_parameters()})
+        return outputs
+
+    monkeypatch.setattr(train_module, "train_step", recorded_step)
+    cfg = train_config(**SWA, model=RESNET)
+    kept = run_fit(tmp_path, cfg).model
+    per_epoch = len(batches(len(TRAIN.labels), cfg.batch_size, cfg.seed, 0))
+    assert len(steps) == 3 * per_epoch
+    since_start = steps[per_epoch:]  # epochs 2 and 3
+    for name, got in kept.named_parameters():
+        torch.testing.assert_close(got, torch.stack([s[name] for s in since_start]).mean(0), msg=name)
+    assert not torch.equal(dict(kept.named_parameters())["fc.weight"], steps[-1]["fc.weight"]), "not the raw weights"
+    expected = models.build_model(cfg.model)
+    expected.load_state_dict(kept.state_dict())
+    images, _ = clean_subset(torch.from_numpy(TRAIN.images).float(), torch.from_numpy(TRAIN.labels), 100, cfg.seed)
+    recompute_batch_norm(expected, images, cfg.batch_size)
+    for (name, got), want in zip(kept.named_buffers(), expected.buffers()):
+        if "running" in name:  # the tolerance of another memory layout's summation order
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("resumed_after", [1, 2])  # before the SWA starts (with an EMA), and inside it
+def test_a_run_resumed_around_the_swa_start_ends_as_an_uninterrupted_one(tmp_path, resumed_after):
+    cfg = train_config(**SWA, ema_decay=0.9, model={**RESNET, "dropout": 0.2})
+    saved = tmp_path / "after_epoch.pt"
+
+    def keep_checkpoint(record: dict) -> None:  # called before the epoch's own checkpoint is written
+        if record["epoch"] == resumed_after + 1:
+            shutil.copy(tmp_path / "whole" / "checkpoint.pt", saved)
+
+    whole = run_fit(tmp_path / "whole", cfg, on_epoch=keep_checkpoint)
+    resume = Checkpoint(saved, "fingerprint").load()
+    assert resume["epoch"] == resumed_after
+    resumed = run_fit(tmp_path / "resumed", cfg, resume=resume)
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
 
 
 def test_a_whitening_stem_is_fitted_to_the_training_images_and_stays_frozen(tmp_path):
