@@ -123,7 +123,7 @@ class Recipe(Strict):
     schedule: Literal["constant", "cosine", "onecycle"] = "constant"
     warmup_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # onecycle only
     # onecycle and cosine: the rate the schedule ends at, as a fraction of its peak. Above 0 the raw weights
-    # stay noisy to the end, which keeps their running accuracy low, while the EMA averages the noise out.
+    # stay noisy to the end, which keeps their running accuracy low, while the weight average smooths the noise.
     final_lr_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     label_smoothing: Probability = 0.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None

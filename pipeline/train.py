@@ -140,7 +140,7 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel:
 
 def uniform_average(model: nn.Module) -> AveragedModel:
     """SWA: the plain mean of the weights `update_parameters` is given, from the first on. Its batch-norm
-    statistics stay those of `model` now, so they must be recomputed before it is scored."""
+    statistics are not averaged (each update copies the model's): they are recomputed before it is scored."""
     averaged = AveragedModel(model, use_buffers=False)
     averaged.requires_grad_(False)
     return averaged
@@ -417,11 +417,12 @@ def fit(
     if resume is not None:
         history = restore(resume, model, optimizer, schedule, average, selection)
         print(f"resuming from {checkpoint.path} after epoch {resume['epoch']} of {cfg.epochs}")
+    scored = average.module if average is not None else model  # the weights evaluated and selected
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         if epoch == cfg.swa_start_epoch:
             average = uniform_average(model)
-        scored = average.module if average is not None else model  # the weights evaluated and selected
+            scored = average.module
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
         epoch_batches = process_batches(len(y_train), cfg.batch_size, cfg.seed, epoch, device)

@@ -693,6 +693,24 @@ def test_swa_keeps_the_mean_of_every_steps_weights_since_its_start_with_statisti
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_before_the_swa_epochs_the_raw_weights_are_scored(tmp_path):
+    swa = without_timing(run_fit(tmp_path / "swa", train_config(**SWA, model=RESNET)).history)
+    raw = without_timing(run_fit(tmp_path / "raw", train_config(**{**SWA, "swa_epochs": None}, model=RESNET)).history)
+    assert swa[0] == raw[0], "epoch 1 of 3 comes before the last 2: the raw weights, scored alike"
+    assert [(r["train_loss"], r["train_acc"]) for r in swa] == [(r["train_loss"], r["train_acc"]) for r in raw]
+    assert swa[2]["val_loss"] != raw[2]["val_loss"], "the last epoch scores the average"
+
+
+def test_a_run_given_its_finished_checkpoint_trains_nothing_and_keeps_its_selection(tmp_path):
+    cfg = train_config(**SWA, model=RESNET)
+    whole = run_fit(tmp_path, cfg)
+    finished = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    again = run_fit(tmp_path / "again", cfg, resume=finished)
+    assert without_timing(again.history) == without_timing(whole.history)
+    assert again.selected_epoch == whole.selected_epoch
+    assert all(torch.equal(again.state[k], whole.state[k]) for k in whole.state)
+
+
 @pytest.mark.parametrize("resumed_after", [1, 2])  # before the SWA starts (with an EMA), and inside it
 def test_a_run_resumed_around_the_swa_start_ends_as_an_uninterrupted_one(tmp_path, resumed_after):
     cfg = train_config(**SWA, ema_decay=0.9, model={**RESNET, "dropout": 0.2})
