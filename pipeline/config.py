@@ -81,6 +81,10 @@ class ResNetModelConfig(Strict):
     # The classifier's outputs are multiplied by this (the DAWNBench ResNet-9 uses 0.125): small logits
     # keep the softmax from saturating early, so the net grows confident more slowly.
     logit_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    # How 3x3 convolutions start: "kaiming" (He et al., 2015), or "dirac": the same, with the first
+    # in_channels filters set to the identity (airbench), so that every conv first passes its input through
+    # and training starts from a net that already carries the image to the classifier.
+    conv_init: Literal["kaiming", "dirac"] = "kaiming"
 
     @model_validator(mode="after")
     def _drop_blocks_are_centred(self) -> "ResNetModelConfig":
@@ -111,6 +115,10 @@ class OptimizerConfig(Strict):
     # What weight decay applies to: "all" parameters, or only the conv and linear "weights" (not batch
     # norm's scales and shifts nor biases, whose decay only fights batch norm's own rescaling).
     weight_decay_scope: Literal["all", "weights"] = "all"
+    # Batch norm's biases learn at lr times this (airbench uses 64): a shift moves the whole feature map,
+    # so it tolerates a large rate, and a fast one lets units find their thresholds in the first epochs.
+    # Their weight decay per step stays what the rest get (weight_decay divided by the same factor).
+    batch_norm_bias_lr_scale: Annotated[float, Field(gt=0.0, le=1000.0)] = 1.0
 
 
 class Recipe(Strict):

@@ -140,6 +140,7 @@ class ResNet(nn.Module):
     (and odd) in stages whose feature maps are smaller than the block (CIFAR's 32x32 inputs).
     `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
     (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
+    `conv_init` "dirac" starts each 3x3 convolution's first filters as the identity (airbench).
     `downsample` chooses how a stage changes the resolution:
     - "stride" (He et al., 2016, CIFAR form): stage i has width * 2**i channels; the first block of
       every stage but the first has stride 2 and a projection shortcut.
@@ -161,6 +162,7 @@ class ResNet(nn.Module):
         stem: str = "conv",
         logit_scale: float = 1.0,
         drop_block_size: int = 0,
+        conv_init: str = "kaiming",
         num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
@@ -201,6 +203,9 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, Projection)) and m.weight.requires_grad:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if conv_init == "dirac" and isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                # The first in_channels filters copy their input channel: an identity inside the random init.
+                nn.init.dirac_(m.weight.data[:min(m.in_channels, m.out_channels)])
         # Each residual branch starts as zero, so every block starts as the identity (Goyal et al., 2017).
         for m in self.modules():
             if isinstance(m, BasicBlock):
@@ -215,7 +220,7 @@ def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
     if isinstance(config, ResNetModelConfig):
         return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth,
                       config.downsample, config.pooling, config.head_dropout, config.stem, config.logit_scale,
-                      config.drop_block_size)
+                      config.drop_block_size, config.conv_init)
     return BaselineCNN(config.widths, config.hidden)
 
 

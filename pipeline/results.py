@@ -181,9 +181,7 @@ def export_tried(path: Path = TRIED) -> Path:
 
         rows.append({
             "run": run.info.run_id[:8],
-            "model": f"width {param('model.width')} blocks {param('model.blocks')} "
-                     f"{param('model.downsample', 'stride')}, {param('model.stem', 'conv')} stem"
-                     + (f", logits x {scale}" if (scale := param("model.logit_scale", "1.0")) != "1.0" else ""),
+            "model": model_description(param),
             "dropout": param("model.dropout", "0.0")
                        + (f" in {size}x{size} blocks" if (size := param("model.drop_block_size", "0")) != "0" else ""),
             "head_dropout": param("model.head_dropout", "0.0"),
@@ -202,6 +200,19 @@ def export_tried(path: Path = TRIED) -> Path:
     DOCS.mkdir(exist_ok=True)
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+def model_description(param: Callable[..., str | None]) -> str:
+    """A run's ResNet in words, from its MLflow params: the layout, then whatever is not at its default."""
+    words = (f"width {param('model.width')} blocks {param('model.blocks')} "
+             f"{param('model.downsample', 'stride')}, {param('model.stem', 'conv')} stem")
+    if (scale := param("model.logit_scale", "1.0")) != "1.0":
+        words += f", logits x {scale}"
+    if param("model.conv_init", "kaiming") == "dirac":
+        words += ", dirac init"
+    if (bias_scale := param("optimizer.batch_norm_bias_lr_scale", "1.0")) != "1.0":
+        words += f", norm biases at {bias_scale} x lr"
+    return words
 
 
 def scored_average(param: Callable[..., str | None]) -> str:

@@ -62,12 +62,24 @@ def score(logits: Tensor, labels: Tensor) -> tuple[float, float]:
 
 def parameter_groups(model: nn.Module, cfg: Recipe) -> list[dict]:
     """One group, or two when weight decay applies to weights only: tensors of one dimension (biases,
-    batch norm's scales and shifts) get none."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer.weight_decay_scope == "all":
-        return [{"params": params}]
-    return [{"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    batch norm's scales and shifts) get none. With batch_norm_bias_lr_scale, batch norm's biases form
+    a group of their own whose rate is that many times the others' ("lr_scale", which the schedule reads)."""
+    o = cfg.optimizer
+    scaled = []
+    if o.batch_norm_bias_lr_scale != 1.0:
+        scaled = [m.bias for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None and m.bias.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in scaled)]
+    if o.weight_decay_scope == "all":
+        groups = [{"params": params}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if scaled:
+        decay = o.weight_decay if o.weight_decay_scope == "all" else 0.0
+        groups.append({"params": scaled, "lr": o.lr * o.batch_norm_bias_lr_scale, "lr_scale": o.batch_norm_bias_lr_scale,
+                       "weight_decay": decay / o.batch_norm_bias_lr_scale})  # the same decay per step
+    return groups
 
 
 def make_optimizer(cfg: Recipe, params) -> torch.optim.Optimizer:
@@ -91,7 +103,7 @@ def make_schedule(cfg: Recipe, optimizer: torch.optim.Optimizer, total_steps: in
         if round(warmup * total_steps, 9) == 1:  # a one-step warm-up makes OneCycleLR divide by zero
             warmup = 0.5 / total_steps  # no warm-up: the first step is near the peak
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peak, total_steps=total_steps, pct_start=warmup, div_factor=start,
+            optimizer, max_lr=[peak * group.get("lr_scale", 1.0) for group in optimizer.param_groups], total_steps=total_steps, pct_start=warmup, div_factor=start,
             final_div_factor=1 / (start * floor) if floor else 1e4,  # ends at peak / (start * final_div_factor)
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

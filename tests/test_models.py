@@ -179,6 +179,28 @@ def test_fresh_resnet_blocks_start_as_the_identity():
                 assert torch.equal(block(x), torch.relu(shortcut))
 
 
+def test_dirac_init_starts_every_3x3_conv_by_copying_its_input_channels():
+    model = ResNet(4, [1, 0, 1], downsample="pool", conv_init="dirac")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 8  # the stem, three stage openers, two convs in each of two blocks
+    for conv in convs:
+        x = images(2, conv.in_channels, 8)
+        with torch.no_grad():
+            y = conv(x)
+        assert torch.allclose(y[:, :conv.in_channels], x, atol=1e-6), "the first in_channels filters pass x through"
+        if conv.out_channels > conv.in_channels:
+            assert not torch.allclose(y[:, conv.in_channels:], torch.zeros_like(y[:, conv.in_channels:])), \
+                "the other filters keep their random init"
+
+
+def test_kaiming_init_has_no_identity_filters():
+    model = ResNet(4, [1, 0, 1], downsample="pool")
+    stem = model.stem[0]
+    x = images(2, 3, 8)
+    with torch.no_grad():
+        assert not torch.allclose(stem(x)[:, :3], x, atol=1e-2)
+
+
 # --- stochastic depth and dropout -----------------------------------------------------------
 
 @pytest.mark.parametrize("in_channels,out_channels,stride", [(4, 4, 1), (4, 8, 2)], ids=["identity", "projection"])

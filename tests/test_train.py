@@ -631,6 +631,34 @@ def test_weight_decay_scope_weights_leaves_norms_and_biases_undecayed():
     assert len(parameter_groups(model, everything)) == 1
 
 
+@pytest.mark.parametrize("scope", ["all", "weights"])
+def test_batch_norm_biases_get_their_own_rate_and_the_same_decay_per_step(scope):
+    layout = {"arch": "resnet", "width": 4, "blocks": [1, 0, 1], "downsample": "pool"}
+    model = models.build_model(config.ResNetModelConfig(**layout))
+    cfg = train_config(model=layout, schedule="onecycle", optimizer={
+        "name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "weight_decay_scope": scope, "batch_norm_bias_lr_scale": 64})
+    optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
+    *others, biases = optimizer.param_groups
+    norm_biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(biases["params"]) == len(norm_biases) and all(any(p is b for b in norm_biases) for p in biases["params"])
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    decay = 5e-4 if scope == "all" else 0.0
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(others[0]["lr"] * decay)
+    schedule = make_schedule(cfg, optimizer, total_steps=20)
+    for _ in range(20):  # the schedule keeps the ratio at every step, warm-up and decay alike
+        assert biases["lr"] == pytest.approx(64 * others[0]["lr"])
+        optimizer.step()
+        schedule.step()
+
+
+def test_without_a_bias_rate_scale_the_groups_are_those_of_the_decay_scope():
+    layout = {"arch": "resnet", "width": 4, "blocks": [1, 0, 1], "downsample": "pool"}
+    model = models.build_model(config.ResNetModelConfig(**layout))
+    cfg = train_config(model=layout, optimizer={"name": "sgd", "lr": 0.1, "weight_decay_scope": "weights"})
+    assert [len(g["params"]) for g in parameter_groups(model, cfg)] == \
+        [sum(p.ndim > 1 for p in model.parameters()), sum(p.ndim == 1 for p in model.parameters())]
+
+
 AVERAGED = {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "ema_decay": 0.9}
 
 
@@ -724,6 +752,22 @@ def test_a_run_resumed_around_the_swa_start_ends_as_an_uninterrupted_one(tmp_pat
     resume = Checkpoint(saved, "fingerprint").load()
     assert resume["epoch"] == resumed_after
     resumed = run_fit(tmp_path / "resumed", cfg, resume=resume)
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
+
+
+def test_a_run_with_fast_batch_norm_biases_resumes_to_the_uninterrupted_result(tmp_path):
+    """The bias group's rate comes back from the checkpoint with its own schedule, not the others' rate."""
+    cfg = train_config(epochs=3, schedule="onecycle", model={**RESNET, "conv_init": "dirac"},
+                       optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "batch_norm_bias_lr_scale": 16})
+    saved = tmp_path / "after_epoch.pt"
+
+    def keep_checkpoint(record: dict) -> None:
+        if record["epoch"] == 2:
+            shutil.copy(tmp_path / "whole" / "checkpoint.pt", saved)
+
+    whole = run_fit(tmp_path / "whole", cfg, on_epoch=keep_checkpoint)
+    resumed = run_fit(tmp_path / "resumed", cfg, resume=Checkpoint(saved, "fingerprint").load())
     assert without_timing(resumed.history) == without_timing(whole.history)
     assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
 
