@@ -85,6 +85,9 @@ class ResNetModelConfig(Strict):
     # in_channels filters set to the identity (airbench), so that every conv first passes its input through
     # and training starts from a net that already carries the image to the classifier.
     conv_init: Literal["kaiming", "dirac"] = "kaiming"
+    # The residual block: "basic", He et al.'s (the shortcut added before the last ReLU; the branch starts at
+    # zero), or "resnet9", the DAWNBench ResNet-9's (x + ReLU(BN(conv(...))): the sum is not rectified).
+    block: Literal["basic", "resnet9"] = "basic"
 
     @model_validator(mode="after")
     def _drop_blocks_are_centred(self) -> "ResNetModelConfig":

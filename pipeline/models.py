@@ -99,7 +99,8 @@ class PatchWhitening(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm; the shortcut is added before the last ReLU.
+    """Two 3x3 convolutions with batch norm; the shortcut is added before the last ReLU (He et al.), or,
+    with `relu_in_branch`, after it: the residual unit of the DAWNBench ResNet-9, x + ReLU(BN(conv(...))).
 
     The shortcut is the identity when the shape is unchanged, else `downsample`: a strided 1x1
     convolution with batch norm that matches the branch's channels and resolution. Dropout sits
@@ -109,8 +110,9 @@ class BasicBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0,
-                 dropout: float = 0.0, drop_block_size: int = 0) -> None:
+                 dropout: float = 0.0, drop_block_size: int = 0, relu_in_branch: bool = False) -> None:
         super().__init__()
+        self.relu_in_branch = relu_in_branch
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
@@ -130,6 +132,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.dropout(self.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
+        if self.relu_in_branch:
+            return self.drop_path(self.relu(out)) + identity
         return self.relu(self.drop_path(out) + identity)
 
 
@@ -140,7 +144,7 @@ class ResNet(nn.Module):
     (and odd) in stages whose feature maps are smaller than the block (CIFAR's 32x32 inputs).
     `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
     (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
-    `conv_init` "dirac" starts each 3x3 convolution's first filters as the identity (airbench).
+    `block` "resnet9" puts each block's last ReLU inside its branch (see BasicBlock). `conv_init` "dirac" starts each 3x3 convolution's first filters as the identity (airbench).
     `downsample` chooses how a stage changes the resolution:
     - "stride" (He et al., 2016, CIFAR form): stage i has width * 2**i channels; the first block of
       every stage but the first has stride 2 and a projection shortcut.
@@ -163,6 +167,7 @@ class ResNet(nn.Module):
         logit_scale: float = 1.0,
         drop_block_size: int = 0,
         conv_init: str = "kaiming",
+        block: str = "basic",
         num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
@@ -191,7 +196,7 @@ class ResNet(nn.Module):
                 # Deeper blocks are dropped more often: linear rule of the stochastic depth paper.
                 drop_path = stochastic_depth * index / max(total - 1, 1)
                 layers.append(BasicBlock(in_channels, out_channels, stride if i == 0 else 1, drop_path, dropout,
-                                         block_size))
+                                         block_size, relu_in_branch=block == "resnet9"))
                 in_channels, index = out_channels, index + 1
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
@@ -207,8 +212,9 @@ class ResNet(nn.Module):
                 # The first in_channels filters copy their input channel: an identity inside the random init.
                 nn.init.dirac_(m.weight.data[:min(m.in_channels, m.out_channels)])
         # Each residual branch starts as zero, so every block starts as the identity (Goyal et al., 2017).
+        # Not with the ReLU in the branch: at zero scale and shift the ReLU passes no gradient, ever.
         for m in self.modules():
-            if isinstance(m, BasicBlock):
+            if isinstance(m, BasicBlock) and not m.relu_in_branch:
                 nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,7 +226,7 @@ def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
     if isinstance(config, ResNetModelConfig):
         return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth,
                       config.downsample, config.pooling, config.head_dropout, config.stem, config.logit_scale,
-                      config.drop_block_size, config.conv_init)
+                      config.drop_block_size, config.conv_init, config.block)
     return BaselineCNN(config.widths, config.hidden)
 
 

@@ -208,6 +208,8 @@ def model_description(param: Callable[..., str | None]) -> str:
              f"{param('model.downsample', 'stride')}, {param('model.stem', 'conv')} stem")
     if (scale := param("model.logit_scale", "1.0")) != "1.0":
         words += f", logits x {scale}"
+    if param("model.block", "basic") == "resnet9":
+        words += ", ReLU inside the blocks (ResNet-9)"
     if param("model.conv_init", "kaiming") == "dirac":
         words += ", dirac init"
     if (bias_scale := param("optimizer.batch_norm_bias_lr_scale", "1.0")) != "1.0":

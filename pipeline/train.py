@@ -9,6 +9,7 @@ hears of it and the `Checkpoint` is written. Device and precision live in pipeli
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -64,21 +65,21 @@ def parameter_groups(model: nn.Module, cfg: Recipe) -> list[dict]:
     """One group, or two when weight decay applies to weights only: tensors of one dimension (biases,
     batch norm's scales and shifts) get none. With batch_norm_bias_lr_scale, batch norm's biases form
     a group of their own whose rate is that many times the others' ("lr_scale", which the schedule reads)."""
-    o = cfg.optimizer
-    scaled = []
-    if o.batch_norm_bias_lr_scale != 1.0:
-        scaled = [m.bias for m in model.modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None and m.bias.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in scaled)]
+    o, scale = cfg.optimizer, cfg.optimizer.batch_norm_bias_lr_scale
+    fast = []
+    if scale != 1.0:
+        fast = [m.bias for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None and m.bias.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad and not any(p is b for b in fast)]
     if o.weight_decay_scope == "all":
         groups = [{"params": params}]
     else:
         groups = [{"params": [p for p in params if p.ndim > 1]},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if scaled:
+    if fast:
         decay = o.weight_decay if o.weight_decay_scope == "all" else 0.0
-        groups.append({"params": scaled, "lr": o.lr * o.batch_norm_bias_lr_scale, "lr_scale": o.batch_norm_bias_lr_scale,
-                       "weight_decay": decay / o.batch_norm_bias_lr_scale})  # the same decay per step
+        groups.append({"params": fast, "lr": o.lr * scale, "lr_scale": scale,
+                       "weight_decay": decay / scale})  # the same decay per step as the rest
     return groups
 
 
@@ -93,17 +94,21 @@ def make_optimizer(cfg: Recipe, params) -> torch.optim.Optimizer:
 
 
 def make_schedule(cfg: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Stepped once per batch."""
-    peak, floor = cfg.optimizer.lr, cfg.final_lr_fraction
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=peak * floor)
+    """Stepped once per batch. Every parameter group follows the same curve, scaled by its own peak
+    (the optimizer's lr times the group's "lr_scale")."""
+    floor = cfg.final_lr_fraction
+    if cfg.schedule == "cosine":  # a factor on each group's rate: CosineAnnealingLR has one floor for all groups
+        def cosine(step: int) -> float:
+            return floor + (1 - floor) * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)) / 2
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     if cfg.schedule == "onecycle":
         start = 25.0  # OneCycleLR's div_factor: the first step's rate is peak / 25
         warmup = cfg.warmup_fraction
         if round(warmup * total_steps, 9) == 1:  # a one-step warm-up makes OneCycleLR divide by zero
             warmup = 0.5 / total_steps  # no warm-up: the first step is near the peak
+        peaks = [cfg.optimizer.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[peak * group.get("lr_scale", 1.0) for group in optimizer.param_groups], total_steps=total_steps, pct_start=warmup, div_factor=start,
+            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=warmup, div_factor=start,
             final_div_factor=1 / (start * floor) if floor else 1e4,  # ends at peak / (start * final_div_factor)
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

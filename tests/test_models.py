@@ -116,6 +116,9 @@ def test_build_model_follows_the_config():
     assert isinstance(baseline, BaselineCNN) and isinstance(resnet, ResNet)
     assert [len(stage) for stage in resnet.stages] == [1, 2]  # blocks per stage
     assert all(block.dropout.p == 0.1 for stage in resnet.stages for block in stage)
+    styled = models.build_model(ResNetModelConfig(width=4, blocks=[1, 2], block="resnet9", conv_init="dirac"))
+    assert all(block.relu_in_branch for stage in styled.stages for block in stage)
+    assert torch.equal(styled.stem[0].weight[:3, :, 1, 1], torch.eye(3))
 
 
 # --- the residual block -----------------------------------------------------------------------
@@ -177,6 +180,26 @@ def test_fresh_resnet_blocks_start_as_the_identity():
             with torch.no_grad():
                 shortcut = x if block.downsample is None else block.downsample(x)
                 assert torch.equal(block(x), torch.relu(shortcut))
+
+
+def test_a_resnet9_block_adds_the_rectified_branch_to_the_shortcut():
+    block = BasicBlock(8, 8, relu_in_branch=True).eval()
+    randomize_batch_norm(block)
+    x = images(2, 8, 8)
+    with torch.no_grad():
+        branch = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+        out = block(x)
+    assert torch.allclose(out, x + torch.relu(branch), atol=1e-6)
+    assert (out < 0).any(), "the sum is not rectified: negative inputs pass the shortcut"
+
+
+def test_fresh_resnet9_blocks_start_live_and_train_their_branch():
+    """Zero-initialized scales would leave ReLU(0) in the branch, which passes no gradient at all."""
+    model = ResNet(4, [1, 0, 1], downsample="pool", block="resnet9").train()
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 2 and all(torch.equal(b.bn2.weight, torch.ones_like(b.bn2.weight)) for b in blocks)
+    model(images(4)).sum().backward()
+    assert all(b.conv1.weight.grad.abs().sum() > 0 and b.conv2.weight.grad.abs().sum() > 0 for b in blocks)
 
 
 def test_dirac_init_starts_every_3x3_conv_by_copying_its_input_channels():

@@ -67,7 +67,9 @@ def test_the_tried_table_names_the_scored_average(params, words):
     ({}, "width 24 blocks [1, 0, 1] pool, conv stem"),
     ({"model.logit_scale": "0.125", "model.conv_init": "dirac", "optimizer.batch_norm_bias_lr_scale": "64.0"},
      "width 24 blocks [1, 0, 1] pool, conv stem, logits x 0.125, dirac init, norm biases at 64.0 x lr"),
-    ({"model.conv_init": "kaiming", "optimizer.batch_norm_bias_lr_scale": "1.0"}, "width 24 blocks [1, 0, 1] pool, conv stem"),
+    ({"model.block": "resnet9"}, "width 24 blocks [1, 0, 1] pool, conv stem, ReLU inside the blocks (ResNet-9)"),
+    ({"model.conv_init": "kaiming", "optimizer.batch_norm_bias_lr_scale": "1.0"},
+     "width 24 blocks [1, 0, 1] pool, conv stem"),
 ])
 def test_the_tried_table_names_what_differs_from_the_default_model(params, words):
     layout = {"model.width": "24", "model.blocks": "[1, 0, 1]", "model.downsample": "pool", **params}

@@ -631,11 +631,11 @@ def test_weight_decay_scope_weights_leaves_norms_and_biases_undecayed():
     assert len(parameter_groups(model, everything)) == 1
 
 
-@pytest.mark.parametrize("scope", ["all", "weights"])
-def test_batch_norm_biases_get_their_own_rate_and_the_same_decay_per_step(scope):
+@pytest.mark.parametrize("scope, schedule", [("all", "onecycle"), ("weights", "onecycle"), ("weights", "cosine")])
+def test_batch_norm_biases_get_their_own_rate_and_the_same_decay_per_step(scope, schedule):
     layout = {"arch": "resnet", "width": 4, "blocks": [1, 0, 1], "downsample": "pool"}
     model = models.build_model(config.ResNetModelConfig(**layout))
-    cfg = train_config(model=layout, schedule="onecycle", optimizer={
+    cfg = train_config(model=layout, schedule=schedule, final_lr_fraction=0.1, optimizer={
         "name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "weight_decay_scope": scope, "batch_norm_bias_lr_scale": 64})
     optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
     *others, biases = optimizer.param_groups
@@ -644,11 +644,13 @@ def test_batch_norm_biases_get_their_own_rate_and_the_same_decay_per_step(scope)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     decay = 5e-4 if scope == "all" else 0.0
     assert biases["lr"] * biases["weight_decay"] == pytest.approx(others[0]["lr"] * decay)
-    schedule = make_schedule(cfg, optimizer, total_steps=20)
-    for _ in range(20):  # the schedule keeps the ratio at every step, warm-up and decay alike
+    schedule = make_schedule(cfg, optimizer, total_steps=100)
+    for _ in range(100):  # the schedule keeps the ratio at every step, warm-up and decay alike
         assert biases["lr"] == pytest.approx(64 * others[0]["lr"])
+        last = biases["lr"]
         optimizer.step()
         schedule.step()
+    assert last == pytest.approx(64 * 0.1 * 0.1, rel=0.02), "the last step's rate: the floor of its own peak"
 
 
 def test_without_a_bias_rate_scale_the_groups_are_those_of_the_decay_scope():
