@@ -144,7 +144,8 @@ class ResNet(nn.Module):
     (and odd) in stages whose feature maps are smaller than the block (CIFAR's 32x32 inputs).
     `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
     (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
-    `block` "resnet9" puts each block's last ReLU inside its branch (see BasicBlock). `conv_init` "dirac" starts each 3x3 convolution's first filters as the identity (airbench).
+    `block` "resnet9" puts each block's last ReLU inside its branch (see BasicBlock); `conv_init` "dirac"
+    starts each 3x3 convolution's first filters as the identity (airbench).
     `downsample` chooses how a stage changes the resolution:
     - "stride" (He et al., 2016, CIFAR form): stage i has width * 2**i channels; the first block of
       every stage but the first has stride 2 and a projection shortcut.
