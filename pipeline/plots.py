@@ -6,6 +6,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 from sklearn.metrics import ConfusionMatrixDisplay
 
 # Figures are built without pyplot: pyplot keeps every figure it makes until closed, so a process that
@@ -35,6 +36,28 @@ def learning_curves(histories: dict[str, pd.DataFrame], target_val: float | None
     loss_ax.legend(fontsize=8)
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def tried_runs(tried: pd.DataFrame, target_val: float, minutes_bound: float) -> Figure:
+    """The finished runs of docs/tried.csv as points, one colour per width: validation accuracy at the best
+    epoch with running training accuracy under the bound, against minutes of training."""
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    finished = tried[(tried["epochs_run"] == tried["epochs_planned"]) & tried["val_acc"].notna()]
+    widths = finished["model"].str.extract(r"width (\d+)", expand=False).astype(int)
+    for width, runs in finished.groupby(widths):
+        ax.scatter(runs["seconds"] / 60, runs["val_acc"], zorder=3, label=f"width {width}")
+    ax.axhline(target_val, color="gray", linewidth=0.8, linestyle=":", label=f"val target > {target_val:.0%}")
+    ax.axvline(minutes_bound, color="black", linewidth=0.8, linestyle=":",
+               label=f"{minutes_bound:.0f} minutes of training")
+    ax.set_ylim(top=max(target_val, finished["val_acc"].max()) + 0.005)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    ax.set(xlabel="minutes of training (with per-epoch evaluation)", ylabel="validation accuracy",
+           title="Finished runs: validation accuracy at running training accuracy < 92%")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 

@@ -28,3 +28,19 @@ def test_a_one_epoch_history_still_draws_its_points():
     curves = plots.learning_curves({"resnet": history})
     for ax in curves.axes:
         assert all(line.get_marker() not in (None, "None", "") for line in ax.lines), "a single point needs a marker"
+
+
+def test_the_tried_runs_plot_shows_finished_runs_by_width():
+    tried = pd.DataFrame({
+        "run": ["a", "b", "c", "d"],
+        "model": ["width 24 blocks [1, 0, 1] pool, conv stem", "width 32 blocks [1, 0, 1] pool, conv stem",
+                  "width 24 blocks [1, 0, 1] pool, conv stem, dirac init", "width 16 blocks [1, 0, 1] pool, conv stem"],
+        "epochs_planned": [9, 9, 9, 18], "epochs_run": [9, 9, 9, 7],
+        "val_acc": [0.83, 0.845, 0.832, 0.80], "seconds": [1800, 2460, 1600, 600],
+    })
+    ax = plots.tried_runs(tried, 0.85, 30).axes[0]
+    points = {text.get_text(): collection.get_offsets().tolist()
+              for text, collection in zip(ax.get_legend().get_texts(), ax.collections)}
+    assert points == {"width 24": [[30.0, 0.83], [1600 / 60, 0.832]], "width 32": [[41.0, 0.845]]}, \
+        "one series per width; the run stopped early is left out"
+    assert [line.get_ydata()[0] for line in ax.lines][0] == 0.85 and ax.lines[1].get_xdata()[0] == 30
