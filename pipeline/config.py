@@ -88,6 +88,16 @@ class ResNetModelConfig(Strict):
     # The residual block: "basic", He et al.'s (the shortcut added before the last ReLU; the branch starts at
     # zero), or "resnet9", the DAWNBench ResNet-9's (x + ReLU(BN(conv(...))): the sum is not rectified).
     block: Literal["basic", "resnet9"] = "basic"
+    # Batch norm's training-mode statistics from groups of this many images instead of the whole batch
+    # (ghost batch norm, Hoffer et al., 2017): noisier statistics, noise that eval mode does not have. 0: off.
+    ghost_batch_size: Annotated[int, Field(strict=True, ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _ghost_batches_have_statistics(self) -> "ResNetModelConfig":
+        if self.ghost_batch_size == 1:
+            raise ValueError("ghost_batch_size 1 would normalize every image by its own statistics: use 2 or more "
+                             "images per group (Hoffer et al. use 32), or 0 for batch norm over the whole batch")
+        return self
 
     @model_validator(mode="after")
     def _drop_blocks_are_centred(self) -> "ResNetModelConfig":

@@ -8,6 +8,9 @@ patch-whitening stem are options of the same class.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import DropBlock2d, StochasticDepth
@@ -98,6 +101,29 @@ class PatchWhitening(nn.Module):
         return self.conv(x)
 
 
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm that, in training mode, normalizes each group of `ghost_batch_size` images of the batch
+    by the group's own statistics (Hoffer et al., 2017, "Train longer, generalize better"). Smaller groups
+    give noisier statistics: noise in training mode that eval mode, with the running statistics, does not
+    have. Each group updates the running statistics, and the state dict is BatchNorm2d's.
+    """
+
+    def __init__(self, num_features: int, ghost_batch_size: int) -> None:
+        super().__init__(num_features)
+        self.ghost_batch_size = ghost_batch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or len(x) <= self.ghost_batch_size:
+            return super().forward(x)
+        normalize = super().forward
+        return torch.cat([normalize(group) for group in x.split(self.ghost_batch_size)])
+
+
+def batch_norm(ghost_batch_size: int = 0) -> Callable[[int], nn.Module]:
+    """The ResNet's norm layer: BatchNorm2d, or GhostBatchNorm2d for a ghost batch size above 0."""
+    return partial(GhostBatchNorm2d, ghost_batch_size=ghost_batch_size) if ghost_batch_size else nn.BatchNorm2d
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm; the shortcut is added before the last ReLU (He et al.), or,
     with `relu_in_branch`, after it: the residual unit of the DAWNBench ResNet-9, x + ReLU(BN(conv(...))).
@@ -110,23 +136,23 @@ class BasicBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0,
-                 dropout: float = 0.0, drop_block_size: int = 0, relu_in_branch: bool = False) -> None:
+                 dropout: float = 0.0, drop_block_size: int = 0, relu_in_branch: bool = False,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         self.relu_in_branch = relu_in_branch
         self.conv1 = conv3x3(in_channels, out_channels, stride)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = norm_layer(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.dropout: nn.Module = nn.Identity()
         if dropout > 0:
             self.dropout = DropBlock2d(dropout, drop_block_size) if drop_block_size else nn.Dropout(dropout)
         self.conv2 = conv3x3(out_channels, out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = norm_layer(out_channels)
         # Drops the whole residual branch of a sample (Huang et al., 2016), rescaled so eval mode needs nothing.
         self.drop_path = StochasticDepth(drop_path, mode="row")
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(Projection(in_channels, out_channels, stride),
-                                            nn.BatchNorm2d(out_channels))
+            self.downsample = nn.Sequential(Projection(in_channels, out_channels, stride), norm_layer(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -145,7 +171,8 @@ class ResNet(nn.Module):
     `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
     (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
     `block` "resnet9" puts each block's last ReLU inside its branch (see BasicBlock); `conv_init` "dirac"
-    starts each 3x3 convolution's first filters as the identity (airbench).
+    starts each 3x3 convolution's first filters as the identity (airbench); `ghost_batch_size` above 0 makes
+    every batch norm a GhostBatchNorm2d.
     `downsample` chooses how a stage changes the resolution:
     - "stride" (He et al., 2016, CIFAR form): stage i has width * 2**i channels; the first block of
       every stage but the first has stride 2 and a projection shortcut.
@@ -169,15 +196,17 @@ class ResNet(nn.Module):
         drop_block_size: int = 0,
         conv_init: str = "kaiming",
         block: str = "basic",
+        ghost_batch_size: int = 0,
         num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
+        norm_layer = batch_norm(ghost_batch_size)
         if stem == "whiten":
             whitening = PatchWhitening(3)
             self.stem = nn.Sequential(whitening, nn.ReLU(inplace=True))
             in_channels = whitening.out_channels
         else:
-            self.stem = nn.Sequential(conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(conv3x3(3, width), norm_layer(width), nn.ReLU(inplace=True))
             in_channels = width
         total = sum(blocks)
         stages: list[nn.Module] = []
@@ -186,7 +215,7 @@ class ResNet(nn.Module):
             layers: list[nn.Module] = []
             if downsample == "pool":
                 out_channels, stride = width * 2 ** (stage + 1), 1
-                layers += [conv3x3(in_channels, out_channels), nn.BatchNorm2d(out_channels),
+                layers += [conv3x3(in_channels, out_channels), norm_layer(out_channels),
                            nn.ReLU(inplace=True), nn.MaxPool2d(2)]
                 in_channels = out_channels
             else:
@@ -197,7 +226,7 @@ class ResNet(nn.Module):
                 # Deeper blocks are dropped more often: linear rule of the stochastic depth paper.
                 drop_path = stochastic_depth * index / max(total - 1, 1)
                 layers.append(BasicBlock(in_channels, out_channels, stride if i == 0 else 1, drop_path, dropout,
-                                         block_size, relu_in_branch=block == "resnet9"))
+                                         block_size, relu_in_branch=block == "resnet9", norm_layer=norm_layer))
                 in_channels, index = out_channels, index + 1
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
@@ -227,7 +256,7 @@ def build_model(config: BaselineModelConfig | ResNetModelConfig) -> nn.Module:
     if isinstance(config, ResNetModelConfig):
         return ResNet(config.width, config.blocks, config.dropout, config.stochastic_depth,
                       config.downsample, config.pooling, config.head_dropout, config.stem, config.logit_scale,
-                      config.drop_block_size, config.conv_init, config.block)
+                      config.drop_block_size, config.conv_init, config.block, config.ghost_batch_size)
     return BaselineCNN(config.widths, config.hidden)
 
 

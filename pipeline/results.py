@@ -184,6 +184,7 @@ def export_tried(path: Path = TRIED) -> Path:
         rows.append({
             "run": run.info.run_id[:8],
             "model": model_description(param),
+            "seed": param("seed", "0"),
             "dropout": param("model.dropout", "0.0")
                        + (f" in {size}x{size} blocks" if (size := param("model.drop_block_size", "0")) != "0" else ""),
             "head_dropout": param("model.head_dropout", "0.0"),
@@ -214,6 +215,8 @@ def model_description(param: Callable[..., str | None]) -> str:
         words += ", ReLU inside the blocks (ResNet-9)"
     if param("model.conv_init", "kaiming") == "dirac":
         words += ", dirac init"
+    if (ghost := param("model.ghost_batch_size", "0")) != "0":
+        words += f", ghost batch norm of {ghost}"
     if (bias_scale := param("optimizer.batch_norm_bias_lr_scale", "1.0")) != "1.0":
         words += f", norm biases at {bias_scale} x lr"
     return words
@@ -229,13 +232,14 @@ def scored_average(param: Callable[..., str | None]) -> str:
 
 def tried_table(path: Path = TRIED) -> list[str]:
     tried = pd.read_csv(path)
-    lines = ["| run | model | dropout / head | batch, peak lr, final lr, weight decay | average | epochs run / planned "
-             "| best epoch with running < 92% | val acc | running / clean (subset) train acc | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | seed | dropout / head | batch, peak lr, final lr, weight decay | average "
+             "| epochs run / planned | best epoch with running < 92% | val acc | running / clean (subset) train acc "
+             "| seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in tried.itertuples():
         figures = (f"{row.best_epoch_under_92:.0f} | {pct(row.val_acc)} | {pct(row.train_running_acc)} / "
                    f"{pct(row.train_clean_subset_acc)}") if row.val_acc == row.val_acc else "none | | "
-        lines.append(f"| `{row.run}` | {row.model} | {row.dropout} / {row.head_dropout} | "
+        lines.append(f"| `{row.run}` | {row.model} | {row.seed} | {row.dropout} / {row.head_dropout} | "
                      f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x peak, "
                      f"{getattr(row, 'weight_decay', '')} | {row.average} | "
                      f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,} |")

@@ -373,7 +373,8 @@ def build_networks(cfg: Recipe, settings: TrainSection, device: torch.device, x_
         torch.backends.cudnn.benchmark = not settings.deterministic
     net = model
     if distributed.context().enabled:
-        if device.type == "cuda":  # batch statistics over the global batch, as in one process
+        # Batch statistics over the global batch, as in one process; ghost batches are groups within a process.
+        if device.type == "cuda" and not getattr(cfg.model, "ghost_batch_size", 0):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if settings.compile:

@@ -319,6 +319,13 @@ def test_an_even_drop_block_size_is_refused_with_the_key_named():
     assert "dropout is 0" in message
 
 
+def test_a_ghost_batch_of_one_image_is_refused_with_the_key_named():
+    message = refused("train.resnet.model.ghost_batch_size=1")
+    assert "train.resnet.model" in message and "ghost_batch_size 1" in message
+    assert "train.resnet.model.ghost_batch_size" in refused("train.resnet.model.ghost_batch_size=-2")
+    assert load_with("train.resnet.model.ghost_batch_size=32").train.resnet.model.ghost_batch_size == 32
+
+
 def test_swa_covers_the_last_epochs_and_needs_its_statistics_recomputed():
     assert "train.resnet.swa_epochs" in refused("train.resnet.swa_epochs=0")
     message = refused("train.resnet.swa_epochs=2", "train.resnet.average_batch_norm_images=0")

@@ -101,6 +101,7 @@ def test_results_document_is_written_from_the_committed_outputs(repo):
     assert (repo / "docs/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     tried = (repo / "docs/tried.csv").read_text().splitlines()  # one row per train_resnet run in MLflow
     assert len(tried) == 2 and "conv stem" in tried[1] and "## What was tried" in results
+    assert (repo / "docs/tried.png").read_bytes()[:4] == b"\x89PNG" and "](tried.png)" in results
     shutil.rmtree(repo / "docs")
 
 

@@ -10,7 +10,7 @@ from torchvision.ops import DropBlock2d
 
 from pipeline import models
 from pipeline.config import BaselineModelConfig, ResNetModelConfig
-from pipeline.models import BaselineCNN, BasicBlock, ModelFileError, ResNet
+from pipeline.models import BaselineCNN, BasicBlock, GhostBatchNorm2d, ModelFileError, ResNet
 
 
 @pytest.fixture(autouse=True)
@@ -214,6 +214,38 @@ def test_dirac_init_starts_every_3x3_conv_by_copying_its_input_channels():
         if conv.out_channels > conv.in_channels:
             assert not torch.allclose(y[:, conv.in_channels:], torch.zeros_like(y[:, conv.in_channels:])), \
                 "the other filters keep their random init"
+
+
+# --- ghost batch norm ------------------------------------------------------------------------
+
+def test_ghost_batch_norm_normalizes_each_group_by_its_own_statistics_in_training_mode():
+    ghost = GhostBatchNorm2d(3, ghost_batch_size=4).train()
+    plain = nn.BatchNorm2d(3).train()
+    x = images(10, 3, 4) * torch.arange(1, 11.0).view(10, 1, 1, 1)  # groups with different statistics
+    expected = torch.cat([plain(group) for group in x.split(4)])  # groups of 4, 4 and 2 images
+    torch.testing.assert_close(ghost(x), expected)
+    torch.testing.assert_close(ghost.running_mean, plain.running_mean)
+    torch.testing.assert_close(ghost.running_var, plain.running_var)
+    assert not torch.allclose(ghost(x), nn.BatchNorm2d(3).train()(x), atol=1e-3), "not the whole batch's statistics"
+
+
+def test_ghost_batch_norm_in_eval_mode_is_batch_norm_with_the_same_state():
+    ghost = GhostBatchNorm2d(3, ghost_batch_size=2)
+    randomize_batch_norm(ghost)
+    plain = nn.BatchNorm2d(3)
+    plain.load_state_dict(ghost.state_dict())  # the same keys: checkpoints and saved models carry over
+    x = images(6, 3, 4)
+    torch.testing.assert_close(ghost.eval()(x), plain.eval()(x))
+
+
+def test_a_ghost_batch_size_puts_ghost_batch_norm_everywhere_and_keeps_the_state_dict():
+    ghosted = models.build_model(ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool", ghost_batch_size=2))
+    plain = models.build_model(ResNetModelConfig(width=4, blocks=[1, 0, 1], downsample="pool"))
+    norms = [m for m in ghosted.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 8 and all(isinstance(m, GhostBatchNorm2d) for m in norms)
+    assert not any(isinstance(m, GhostBatchNorm2d) for m in plain.modules())
+    plain.load_state_dict(ghosted.state_dict())
+    ghosted.train()(images(5)).sum().backward()  # groups of 2, 2 and 1 image: still 16 values per channel
 
 
 def test_kaiming_init_has_no_identity_filters():

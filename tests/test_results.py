@@ -43,13 +43,15 @@ def test_tried_lists_runs_recorded_under_either_metric_naming_once(tmp_path, mon
     for names, tags in (({key: key for key in epochs[0]}, {}), (tracking.EPOCH_METRICS, {}),
                         (tracking.EPOCH_METRICS, relogged)):
         with mlflow.start_run(tags={"dvc.stage": "train_resnet", **tags}):
-            mlflow.log_params({"model.width": 4, "epochs": 2})
+            mlflow.log_params({"model.width": 4, "epochs": 2, "seed": 3})
             for step, record in enumerate(epochs, start=1):
                 mlflow.log_metrics({names[key]: value for key, value in record.items()}, step=step)
     tried = pd.read_csv(results.export_tried(tmp_path / "tried.csv"))
     assert len(tried) == 2
     assert list(tried["epochs_run"]) == [2, 2] and list(tried["best_epoch_under_92"]) == [1, 1]
     assert list(tried["val_acc"]) == [0.65, 0.65] and list(tried["seconds"]) == [21, 21]
+    assert list(tried["seed"]) == [3, 3]
+    assert results.tried_table(tmp_path / "tried.csv")[2].split(" | ")[2] == "3", "the table's seed column"
 
 
 @pytest.mark.parametrize("params, words", [
@@ -68,7 +70,8 @@ def test_the_tried_table_names_the_scored_average(params, words):
     ({"model.logit_scale": "0.125", "model.conv_init": "dirac", "optimizer.batch_norm_bias_lr_scale": "64.0"},
      "width 24 blocks [1, 0, 1] pool, conv stem, logits x 0.125, dirac init, norm biases at 64.0 x lr"),
     ({"model.block": "resnet9"}, "width 24 blocks [1, 0, 1] pool, conv stem, ReLU inside the blocks (ResNet-9)"),
-    ({"model.conv_init": "kaiming", "optimizer.batch_norm_bias_lr_scale": "1.0"},
+    ({"model.ghost_batch_size": "32"}, "width 24 blocks [1, 0, 1] pool, conv stem, ghost batch norm of 32"),
+    ({"model.conv_init": "kaiming", "model.ghost_batch_size": "0", "optimizer.batch_norm_bias_lr_scale": "1.0"},
      "width 24 blocks [1, 0, 1] pool, conv stem"),
 ])
 def test_the_tried_table_names_what_differs_from_the_default_model(params, words):

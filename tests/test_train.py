@@ -774,6 +774,16 @@ def test_a_run_with_fast_batch_norm_biases_resumes_to_the_uninterrupted_result(t
     assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
 
 
+def test_a_resnet_with_ghost_batch_norm_learns_and_keeps_running_statistics_of_its_groups(tmp_path):
+    model = {**RESNET, "ghost_batch_size": 8}  # groups of 8 in batches of 32
+    result = run_fit(tmp_path, train_config(model=model, epochs=4, optimizer={"name": "sgd", "lr": 0.1}))
+    assert isinstance(result.model.stem[1], models.GhostBatchNorm2d)
+    groups = sum(-(-len(batch) // 8) for epoch in range(1, 5) for batch in batches(len(TRAIN.labels), 32, 0, epoch))
+    assert int(result.state["stem.1.num_batches_tracked"]) == groups, \
+        "every group of every step updated the running statistics"
+    assert result.history[-1]["val_acc"] > 0.7
+
+
 def test_a_whitening_stem_is_fitted_to_the_training_images_and_stays_frozen(tmp_path):
     model = {"arch": "resnet", "width": 8, "blocks": [1, 0, 1], "downsample": "pool", "stem": "whiten"}
     result = run_fit(tmp_path, train_config(model=model, epochs=3, optimizer={"name": "sgd", "lr": 0.05,
