@@ -175,6 +175,14 @@ class Recipe(Strict):
                              "images (5000 is plenty)")
         return self
 
+    @model_validator(mode="after")
+    def _ghost_batches_are_smaller_than_the_batch(self) -> "Recipe":
+        ghost = getattr(self.model, "ghost_batch_size", 0)
+        if ghost and ghost >= self.batch_size:
+            raise ValueError(f"ghost_batch_size {ghost} is not smaller than batch_size {self.batch_size}: every batch "
+                             "would be one group, which is plain batch norm; set it below the batch size, or to 0")
+        return self
+
 
 class TrainSection(Strict):
     """Params' train section: the settings both trainings share, and each model's Recipe."""

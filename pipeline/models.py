@@ -12,6 +12,7 @@ from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import DropBlock2d, StochasticDepth
 
@@ -102,10 +103,11 @@ class PatchWhitening(nn.Module):
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
-    """Batch norm that, in training mode, normalizes each group of `ghost_batch_size` images of the batch
-    by the group's own statistics (Hoffer et al., 2017, "Train longer, generalize better"). Smaller groups
-    give noisier statistics: noise in training mode that eval mode, with the running statistics, does not
-    have. Each group updates the running statistics, and the state dict is BatchNorm2d's.
+    """Batch norm that, in training mode, splits the batch into near-equal groups of at most
+    `ghost_batch_size` images and normalizes each by its own statistics (Hoffer et al., 2017, "Train
+    longer, generalize better"). Smaller groups give noisier statistics: noise in training mode that eval
+    mode, with the running statistics, does not have. Each group updates the running statistics, at the
+    momentum that moves them as far per batch as BatchNorm2d's one update; the state dict is BatchNorm2d's.
     """
 
     def __init__(self, num_features: int, ghost_batch_size: int) -> None:
@@ -115,8 +117,14 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or len(x) <= self.ghost_batch_size:
             return super().forward(x)
-        normalize = super().forward
-        return torch.cat([normalize(group) for group in x.split(self.ghost_batch_size)])
+        groups = x.tensor_split(-(-len(x) // self.ghost_batch_size))
+        if self.momentum is None:  # a cumulative average (recompute_batch_norm's): over every group alike
+            normalize = super().forward
+            return torch.cat([normalize(group) for group in groups])
+        momentum = 1 - (1 - self.momentum) ** (1 / len(groups))
+        self.num_batches_tracked.add_(len(groups))
+        return torch.cat([F.batch_norm(group, self.running_mean, self.running_var, self.weight, self.bias,
+                                       training=True, momentum=momentum, eps=self.eps) for group in groups])
 
 
 def batch_norm(ghost_batch_size: int = 0) -> Callable[[int], nn.Module]:

@@ -324,6 +324,8 @@ def test_a_ghost_batch_of_one_image_is_refused_with_the_key_named():
     assert "train.resnet.model" in message and "ghost_batch_size 1" in message
     assert "train.resnet.model.ghost_batch_size" in refused("train.resnet.model.ghost_batch_size=-2")
     assert load_with("train.resnet.model.ghost_batch_size=32").train.resnet.model.ghost_batch_size == 32
+    message = refused("train.resnet.model.ghost_batch_size=128", "train.resnet.batch_size=128")
+    assert "train.resnet" in message and "not smaller than batch_size 128" in message
 
 
 def test_swa_covers_the_last_epochs_and_needs_its_statistics_recomputed():

@@ -218,15 +218,26 @@ def test_dirac_init_starts_every_3x3_conv_by_copying_its_input_channels():
 
 # --- ghost batch norm ------------------------------------------------------------------------
 
-def test_ghost_batch_norm_normalizes_each_group_by_its_own_statistics_in_training_mode():
+def test_ghost_batch_norm_normalizes_near_equal_groups_by_their_own_statistics_in_training_mode():
     ghost = GhostBatchNorm2d(3, ghost_batch_size=4).train()
-    plain = nn.BatchNorm2d(3).train()
+    randomize_batch_norm(ghost)
     x = images(10, 3, 4) * torch.arange(1, 11.0).view(10, 1, 1, 1)  # groups with different statistics
-    expected = torch.cat([plain(group) for group in x.split(4)])  # groups of 4, 4 and 2 images
-    torch.testing.assert_close(ghost(x), expected)
+    expected = torch.cat([F.batch_norm(group, None, None, ghost.weight, ghost.bias, training=True, eps=ghost.eps)
+                          for group in (x[:4], x[4:7], x[7:])])  # 4, 3 and 3 images: no group of two
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(x), expected)
+        whole = F.batch_norm(x, None, None, ghost.weight, ghost.bias, training=True, eps=ghost.eps)
+    assert not torch.allclose(expected, whole, atol=1e-3), "not the whole batch's statistics"
+
+
+def test_ghost_batch_norm_moves_the_running_statistics_as_far_per_batch_as_batch_norm():
+    group = images(4, 3, 4) * 3 + 1
+    ghost, plain = GhostBatchNorm2d(3, ghost_batch_size=4).train(), nn.BatchNorm2d(3).train()
+    ghost(torch.cat([group] * 4))  # four groups with the same statistics, one batch
+    plain(group)
     torch.testing.assert_close(ghost.running_mean, plain.running_mean)
     torch.testing.assert_close(ghost.running_var, plain.running_var)
-    assert not torch.allclose(ghost(x), nn.BatchNorm2d(3).train()(x), atol=1e-3), "not the whole batch's statistics"
+    assert int(ghost.num_batches_tracked) == 4
 
 
 def test_ghost_batch_norm_in_eval_mode_is_batch_norm_with_the_same_state():

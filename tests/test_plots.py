@@ -38,9 +38,16 @@ def test_the_tried_runs_plot_shows_finished_runs_by_width():
         "epochs_planned": [9, 9, 9, 18], "epochs_run": [9, 9, 9, 7],
         "val_acc": [0.83, 0.845, 0.832, 0.80], "seconds": [1800, 2460, 1600, 600],
     })
-    ax = plots.tried_runs(tried, 0.85, 30).axes[0]
-    points = {text.get_text(): collection.get_offsets().tolist()
-              for text, collection in zip(ax.get_legend().get_texts(), ax.collections)}
+    ax = plots.tried_runs(tried, 0.85, 0.92, 30).axes[0]
+    points = {collection.get_label(): collection.get_offsets().tolist() for collection in ax.collections}
     assert points == {"width 24": [[30.0, 0.83], [1600 / 60, 0.832]], "width 32": [[41.0, 0.845]]}, \
         "one series per width; the run stopped early is left out"
-    assert [line.get_ydata()[0] for line in ax.lines][0] == 0.85 and ax.lines[1].get_xdata()[0] == 30
+    assert ax.lines[0].get_ydata()[0] == 0.85 and ax.lines[1].get_xdata()[0] == 30
+    assert "< 92%" in ax.get_title()
+
+
+def test_the_tried_runs_plot_draws_its_bounds_when_no_run_qualifies():
+    tried = pd.DataFrame({"run": ["a"], "model": ["width 24 blocks [1] stride, conv stem"], "epochs_planned": [2],
+                          "epochs_run": [2], "val_acc": [float("nan")], "seconds": [60]})
+    ax = plots.tried_runs(tried, 0.85, 0.92, 30).axes[0]
+    assert not ax.collections and len(ax.lines) == 2 and ax.get_ylim()[1] > 0.85
