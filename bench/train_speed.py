@@ -33,11 +33,12 @@ def training_flops_per_image(model_cfg) -> float:
     return counter.get_total_flops() / 2
 
 
-def bench(train_cfg, device: torch.device, bf16: bool, steps: int, warmup: int) -> dict:
+def bench(train_cfg, device: torch.device, bf16: bool, compile: bool, steps: int, warmup: int) -> dict:
     model = build_model(train_cfg.model).to(device, memory_format=memory_format(device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model.train()
+    net = torch.compile(model) if compile else model  # as train.compile does: the warm-up steps compile
     optimizer = make_optimizer(train_cfg, model.parameters())
     criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
     batch = train_cfg.batch_size
@@ -45,12 +46,12 @@ def bench(train_cfg, device: torch.device, bf16: bool, steps: int, warmup: int) 
     labels = torch.randint(0, 10, (batch,), device=device)
 
     for _ in range(warmup):
-        train_step(model, criterion, optimizer, images, labels, bf16)
+        train_step(net, criterion, optimizer, images, labels, bf16)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
-        train_step(model, criterion, optimizer, images, labels, bf16)
+        train_step(net, criterion, optimizer, images, labels, bf16)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -77,10 +78,12 @@ def main(argv: list[str]) -> int:
     device = select_device(config.train.device)
     bf16 = uses_bf16(config.train.precision, device)
     results = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "precision": "bf16" if bf16 else "fp32",
-               "models": {name: bench(getattr(config.train, name), device, bf16, args.steps, args.warmup)
+               "precision": "bf16" if bf16 else "fp32", "compile": config.train.compile,
+               "models": {name: bench(getattr(config.train, name), device, bf16, config.train.compile, args.steps,
+                                      args.warmup)
                           for name in MODEL_NAMES}}
-    print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, {results['precision']}")
+    print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, {results['precision']}"
+          f"{', compiled' if results['compile'] else ''}")
     for name, r in results["models"].items():
         print(f"{name:9s} batch {r['batch_size']:4d}  {r['images_per_s']:9.0f} img/s  {r['ms_per_step']:8.1f} ms/step"
               f"  {r['train_gflops_per_image']:.3f} GFLOP/img (train)  {r['achieved_tflops']:.3f} TFLOP/s"

@@ -19,6 +19,7 @@ def test_bench_reports_speed_and_flops_for_both_models(tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     assert results["device"] == "cpu" and set(results["models"]) == {"baseline", "resnet"}
+    assert results["compile"] is False  # train.compile's default: the eager step
     for name, r in results["models"].items():
         assert r["batch_size"] == 8 and r["parameters"] > 0
         assert r["images_per_s"] > 0
