@@ -230,8 +230,8 @@ def scored_average(param: Callable[..., str | None]) -> str:
     return average + (f", batch norm from {images} images" if images != "0" and average != "none" else "")
 
 
-def tried_table(path: Path = TRIED) -> list[str]:
-    tried = pd.read_csv(path)
+def tried_table(tried: pd.DataFrame) -> list[str]:
+    """docs/tried.csv's rows as a markdown table."""
     lines = ["| run | model | seed | dropout / head | batch, peak lr, final lr, weight decay | average "
              "| epochs run / planned | best epoch with running < 92% | val acc | running / clean (subset) train acc "
              "| seconds |",
@@ -318,10 +318,11 @@ def write() -> Path:
         lines += ["## Seeds", "", "`metrics/seeds.json` holds the seeds of another ResNet recipe than this run's; "
                   "the seeds of this one are not measured yet (`make seeds`).", ""]
     if TRIED.exists():
+        tried = pd.read_csv(TRIED)
         lines += ["## What was tried", "", "Every `train_resnet` run of the full data on this machine, from the "
                   "MLflow store (`python -m pipeline.results --tried` writes `docs/tried.csv`); a run stopped "
-                  "early shows the epochs it ran.", "", *tried_table(), ""]
-        plots.tried_runs(pd.read_csv(TRIED), goals["val_acc_min"], goals["train_acc_max"],
+                  "early shows the epochs it ran.", "", *tried_table(tried), ""]
+        plots.tried_runs(tried, goals["val_acc_min"], goals["train_acc_max"],
                          STAGE_MINUTES_GOAL).savefig(TRIED_PLOT, dpi=100)
         lines += [f"![validation accuracy against minutes of training, the finished runs above that had an epoch "
                   f"under the training bound, "

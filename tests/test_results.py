@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -30,7 +31,6 @@ def test_seeds_of_the_committed_recipe_are_shown_and_stale_ones_are_not():
 def test_tried_lists_runs_recorded_under_either_metric_naming_once(tmp_path, monkeypatch):
     # Runs recorded before MLflow's metric sections (`val_acc`) and after (`accuracy/val`) are both read.
     import mlflow
-    import pandas as pd
 
     from pipeline import tracking
 
@@ -51,7 +51,7 @@ def test_tried_lists_runs_recorded_under_either_metric_naming_once(tmp_path, mon
     assert list(tried["epochs_run"]) == [2, 2] and list(tried["best_epoch_under_92"]) == [1, 1]
     assert list(tried["val_acc"]) == [0.65, 0.65] and list(tried["seconds"]) == [21, 21]
     assert list(tried["seed"]) == [3, 3]
-    assert results.tried_table(tmp_path / "tried.csv")[2].split(" | ")[2] == "3", "the table's seed column"
+    assert results.tried_table(pd.read_csv(tmp_path / "tried.csv"))[2].split(" | ")[2] == "3", "the table's seed column"
 
 
 @pytest.mark.parametrize("params, words", [
