@@ -11,6 +11,7 @@
 # and mlflow.db into this tree, as on the device: rehearse in a clone)
 # Arguments after --tiny (or all of them) go to scripts/acceptance.py, e.g. `--seeds 0 --candidates` to
 # run only the default, the recipe and no candidates, so that a long sweep can be split over two calls.
+# `--screen` first runs scripts/screen.py instead (short runs of the recipes in configs/screens/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -24,6 +25,11 @@ if [ -d .whl ] && ! python3 -c "import mlflow, pydantic" 2>/dev/null; then
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
+script=scripts/acceptance.py
+if [ "${1:-}" = "--screen" ]; then  # scripts/screen.py (recipes from configs/screens/) instead
+  script=scripts/screen.py
+  shift
+fi
 limit=() extra=()
 if [ "${1:-}" = "--tiny" ]; then  # a CPU rehearsal: tiny archive, tiny models, one epoch
   shift
@@ -36,6 +42,6 @@ fi
 mirror=$(mktemp -d)
 md5=$(python3 .carry/make_archive.py "$mirror" "${limit[@]}" | awk '/^md5/ {print $2}')
 export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db
-python3 scripts/acceptance.py --archive "$mirror/cifar-10-python.tar.gz" --md5 "$md5" --out "$OUT" \
+python3 $script --archive "$mirror/cifar-10-python.tar.gz" --md5 "$md5" --out "$OUT" \
   --budget-s $(( ${BUDGET_S:-500} - SECONDS )) "${extra[@]}" "$@"
 ls -la "$OUT"

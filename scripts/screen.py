@@ -1,0 +1,106 @@
+"""Screen ResNet recipes: one short training per candidate, every one an MLflow run, one table.
+
+Run from the project root (scripts/device_run.sh --screen calls it on the GPU machine):
+
+    python scripts/screen.py --archive PATH --md5 MD5 --out DIR [--grid configs/screens/cpu_budget.yaml]
+                             [--seeds 0] [--budget-s 480] [-S key=value ...]
+
+The grid file maps a label to overrides ({} is the default). Each candidate is trained by the
+pipeline's own train_resnet stage under the MLflow experiment `cifar10-screening`, so the search can be
+browsed and compared in `mlflow ui`. After every run DIR/screen.csv (one row per run, with the
+candidate's compute relative to the default's), DIR/screen_epochs.csv (every epoch of every run) and
+DIR/mlflow.db are rewritten, so a call cut short still returns what it did. A run that would not end
+within --budget-s is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pipeline import config as config_module
+from pipeline import paths
+from pipeline.stages import download, normalize, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from acceptance import backup_tracking_store  # noqa: E402  (scripts/ is this file's folder)
+from train_speed import training_flops_per_image  # noqa: E402
+
+EXPERIMENT = "cifar10-screening"
+SAFETY = 1.25  # a run starts only if this many times the longest run so far still fits the budget
+
+
+def overrides_of(changes: dict) -> list[str]:
+    """{key: value} -> ["key=value"], values written as YAML flow (JSON is YAML) so lists survive."""
+    return [f"{key}={json.dumps(value)}" for key, value in changes.items()]
+
+
+def compute(cfg: config_module.Config) -> float:
+    """Training FLOPs of the whole schedule (forward and backward, every epoch), in PFLOP."""
+    recipe = cfg.train.resnet
+    return training_flops_per_image(recipe.model) * recipe.epochs * 45_000 / 1e15
+
+
+def row(label: str, seed: int, changes: dict, cfg: config_module.Config, metrics: dict, seconds: float,
+        relative_compute: float) -> dict:
+    return {"label": label, "seed": seed, "changes": json.dumps(changes), "relative_compute": relative_compute,
+            "selected_epoch": metrics["selected_epoch"], "epochs": metrics["epochs"],
+            "val_acc": metrics["val_acc"], "train_running_acc": metrics["train_acc"],
+            "train_clean_subset_acc": metrics["train_eval_acc"], "seconds": seconds,
+            "precision": cfg.train.precision}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", required=True)
+    parser.add_argument("--md5", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--grid", type=Path, default=Path("configs/screens/cpu_budget.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--budget-s", type=float, default=float("inf"))
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    grid = yaml.safe_load(args.grid.read_text(encoding="utf-8")) or {}
+    base = [f"data.url={args.archive}", f"data.md5={args.md5}", f"train.experiment={EXPERIMENT}",
+            "train.log_model=false", *args.overrides]
+    started = time.perf_counter()
+
+    cfg = config_module.load(overrides=base)
+    download.run(cfg)
+    normalize.run(cfg)
+    default_compute = compute(cfg)
+    rows, epochs, longest = [], [], 0.0
+    for seed in args.seeds:
+        for label, changes in grid.items():
+            cfg = config_module.load(overrides=[*base, *overrides_of(changes or {}), f"train.resnet.seed={seed}"])
+            elapsed = time.perf_counter() - started
+            if elapsed + SAFETY * longest > args.budget_s:
+                print(f"== skipping {label} seed {seed}: the {args.budget_s:.0f} s budget", flush=True)
+                continue
+            paths.checkpoint_file("resnet").unlink(missing_ok=True)  # every candidate trains afresh
+            run_started = time.perf_counter()
+            metrics = train.run(cfg, "resnet", progress=False)
+            seconds = time.perf_counter() - run_started
+            longest = max(longest, seconds)
+            rows.append(row(label, seed, changes or {}, cfg, metrics, seconds, compute(cfg) / default_compute))
+            history = pd.read_csv(paths.history_file("resnet")).assign(label=label, seed=seed)
+            epochs.append(history)
+            print(f"== {label} seed {seed}: val {metrics['val_acc']:.2%} running {metrics['train_acc']:.2%} "
+                  f"epoch {metrics['selected_epoch']} ({seconds:.0f} s)", flush=True)
+            pd.DataFrame(rows).to_csv(args.out / "screen.csv", index=False)
+            pd.concat(epochs).to_csv(args.out / "screen_epochs.csv", index=False)
+            backup_tracking_store(args.out / "mlflow.db")
+    if rows:
+        print(pd.DataFrame(rows).drop(columns="changes").to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
