@@ -5,7 +5,8 @@ Run from the project root (scripts/device_run.sh --screen calls it on the GPU ma
     python scripts/screen.py --archive PATH --md5 MD5 --out DIR [--grid configs/screens/cpu_budget.yaml]
                              [--seeds 0] [--budget-s 480] [-S key=value ...]
 
-The grid file maps a label to overrides ({} is the default). Each candidate is trained by the
+The grid file maps a label to overrides ({}: the recipe unchanged); an optional `base:` entry holds
+overrides under every candidate, so that a screen keeps its meaning when params.yaml changes. Each candidate is trained by the
 pipeline's own train_resnet stage under the MLflow experiment `cifar10-screening`, so the search can be
 browsed and compared in `mlflow ui`. After every run DIR/screen.csv (one row per run, with the
 candidate's compute relative to the default's), DIR/screen_epochs.csv (every epoch of every run) and
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import yaml
 
@@ -47,13 +49,17 @@ def compute(cfg: config_module.Config) -> float:
     return training_flops_per_image(recipe.model) * recipe.epochs * 45_000 / 1e15
 
 
-def row(label: str, seed: int, changes: dict, cfg: config_module.Config, metrics: dict, seconds: float,
+def row(label: str, seed: int, base: dict, changes: dict, metrics: dict, seconds: float,
         relative_compute: float) -> dict:
-    return {"label": label, "seed": seed, "changes": json.dumps(changes), "relative_compute": relative_compute,
+    """One run's line of screen.csv; the device and precision as the training run recorded them in MLflow."""
+    run_id = json.loads(paths.model_tracking_file("resnet").read_text())["run_id"]
+    tags = mlflow.get_run(run_id).data.tags
+    return {"label": label, "seed": seed, "base": json.dumps(base), "changes": json.dumps(changes),
+            "relative_compute": relative_compute,
             "selected_epoch": metrics["selected_epoch"], "epochs": metrics["epochs"],
             "val_acc": metrics["val_acc"], "train_running_acc": metrics["train_acc"],
             "train_clean_subset_acc": metrics["train_eval_acc"], "seconds": seconds,
-            "precision": cfg.train.precision}
+            "device": tags.get("device"), "precision": tags.get("precision"), "run": run_id[:8]}
 
 
 def main(argv: list[str]) -> int:
@@ -68,14 +74,15 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     grid = yaml.safe_load(args.grid.read_text(encoding="utf-8")) or {}
+    grid_base = grid.pop("base", None) or {}
     base = [f"data.url={args.archive}", f"data.md5={args.md5}", f"train.experiment={EXPERIMENT}",
-            "train.log_model=false", *args.overrides]
+            "train.log_model=false", *overrides_of(grid_base), *args.overrides]
     started = time.perf_counter()
 
     cfg = config_module.load(overrides=base)
     download.run(cfg)
     normalize.run(cfg)
-    default_compute = compute(cfg)
+    default_compute = compute(cfg)  # the recipe with the grid's base alone
     rows, epochs, longest = [], [], 0.0
     for seed in args.seeds:
         for label, changes in grid.items():
@@ -89,7 +96,8 @@ def main(argv: list[str]) -> int:
             metrics = train.run(cfg, "resnet", progress=False)
             seconds = time.perf_counter() - run_started
             longest = max(longest, seconds)
-            rows.append(row(label, seed, changes or {}, cfg, metrics, seconds, compute(cfg) / default_compute))
+            rows.append(row(label, seed, grid_base, changes or {}, metrics, seconds,
+                            compute(cfg) / default_compute))
             history = pd.read_csv(paths.history_file("resnet")).assign(label=label, seed=seed)
             epochs.append(history)
             print(f"== {label} seed {seed}: val {metrics['val_acc']:.2%} running {metrics['train_acc']:.2%} "
