@@ -42,14 +42,17 @@ def learning_curves(histories: dict[str, pd.DataFrame], target_val: float | None
 
 def tried_runs(tried: pd.DataFrame, target_val: float, target_train: float, minutes_bound: float) -> Figure:
     """The finished runs of docs/tried.csv that had an epoch with running training accuracy under
-    `target_train`, as points, one colour per width: validation accuracy at the best such epoch, against
-    minutes of training."""
+    `target_train`, as points, one colour per width and one marker per precision (runs that did not record
+    it trained in fp32): validation accuracy at the best such epoch, against minutes of training."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     finished = tried[(tried["epochs_run"] == tried["epochs_planned"]) & tried["val_acc"].notna()]
-    widths = finished["model"].str.extract(r"width (\d+)", expand=False).astype(int)
-    for width, runs in finished.groupby(widths):
-        ax.scatter(runs["seconds"] / 60, runs["val_acc"], zorder=3, label=f"width {width}")
+    widths = finished["model"].str.extract(r"width (\d+)", expand=False).astype(int).rename("width")
+    precision = (finished["precision"] if "precision" in finished else pd.Series("fp32", finished.index))
+    precision = precision.fillna("fp32").rename("precision")
+    for (width, runs_precision), runs in finished.groupby([widths, precision]):
+        ax.scatter(runs["seconds"] / 60, runs["val_acc"], zorder=3, marker="o" if runs_precision == "fp32" else "^",
+                   label=f"width {width}, {runs_precision}")
     ax.axhline(target_val, color="gray", linewidth=0.8, linestyle=":", label=f"val target > {target_val:.0%}")
     ax.axvline(minutes_bound, color="black", linewidth=0.8, linestyle=":",
                label=f"{minutes_bound:.0f} minutes of training")

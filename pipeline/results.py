@@ -24,6 +24,7 @@ RESULTS = DOCS / "results.md"
 CURVES = DOCS / "learning_curves.png"
 TRIED = DOCS / "tried.csv"
 TRIED_PLOT = DOCS / "tried.png"
+SCREENS = DOCS / "screens"  # scripts/screen.py's tables (<grid>.csv) and their epochs (<grid>_epochs.csv)
 STAGE_MINUTES_GOAL = 30  # the time within which train_resnet is to meet the targets on a 2-core CPU
 README = Path("README.md")
 README_START, README_END = "<!-- results:start", "<!-- results:end -->"
@@ -154,7 +155,8 @@ def epoch_values(client, run, key: str) -> dict[int, float]:
 
 def export_tried(path: Path = TRIED) -> Path:
     """Every train_resnet run in the tracking store (finished or stopped), one row each, to a CSV that
-    git keeps: what was tried, and how it did under the 92% rule."""
+    git keeps: what was tried, and how it did under the 92% rule. Rows already in the CSV whose runs
+    this store lacks (an earlier machine's store) are kept; a run in both is rewritten from the store."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -198,10 +200,15 @@ def export_tried(path: Path = TRIED) -> Path:
             "train_running_acc": best["train_acc"] if best is not None else None,
             "train_clean_subset_acc": best["train_eval_acc"] if best is not None else None,
             "seconds": round(float(history["epoch_time_s"].sum())),
+            "precision": run.data.tags.get("precision"),
         })
     mlflow.set_tracking_uri(None)
-    DOCS.mkdir(exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, index=False)
+    tried = pd.DataFrame(rows)
+    if path.exists():
+        earlier = pd.read_csv(path, dtype={"run": str})
+        tried = pd.concat([earlier[~earlier["run"].isin(tried.get("run", []))], tried], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tried.to_csv(path, index=False)
     return path
 
 
@@ -242,7 +249,45 @@ def tried_table(tried: pd.DataFrame) -> list[str]:
         lines.append(f"| `{row.run}` | {row.model} | {getattr(row, 'seed', '')} | "
                      f"{row.dropout} / {row.head_dropout} | {row.batch_size}, {row.lr}, "
                      f"{row.final_lr_fraction} x peak, {getattr(row, 'weight_decay', '')} | {row.average} | "
-                     f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,} |")
+                     f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,}"
+                     f"{precision_note(getattr(row, 'precision', None))} |")
+    return lines
+
+
+def precision_note(precision) -> str:
+    """`, bf16` after a run's seconds where it trained in bf16; runs that did not record it trained in fp32."""
+    return f", {precision}" if isinstance(precision, str) and precision != "fp32" else ""
+
+
+def screen_table(screen: pd.DataFrame) -> list[str]:
+    """A scripts/screen.py table as markdown, best mean validation accuracy first (several seeds: mean)."""
+    grouped = screen.groupby("label", sort=False).agg(
+        changes=("changes", "first"), relative_compute=("relative_compute", "first"), seeds=("seed", "count"),
+        val_acc=("val_acc", "mean"), train_running_acc=("train_running_acc", "mean"),
+        train_clean_subset_acc=("train_clean_subset_acc", "mean"), selected_epoch=("selected_epoch", "max"),
+        epochs=("epochs", "first"), seconds=("seconds", "mean")).sort_values("val_acc", ascending=False)
+    lines = ["| recipe | changes from params.yaml | compute (default = 1) | seeds | val acc | running / clean (subset) "
+             "train acc | kept / last epoch | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for label, row in grouped.iterrows():
+        changes = ", ".join(f"`{k.removeprefix('train.resnet.')}={v}`" for k, v in json.loads(row.changes).items())
+        lines.append(f"| {label} | {changes or 'none'} | {row.relative_compute:.2f} | {row.seeds} | "
+                     f"{pct(row.val_acc)} | {pct(row.train_running_acc)} / {pct(row.train_clean_subset_acc)} | "
+                     f"{row.selected_epoch} / {row.epochs} | {row.seconds:.0f} |")
+    return lines
+
+
+def screens_section() -> list[str]:
+    """One table per screen in docs/screens/ (scripts/screen.py's output), with where it ran."""
+    lines = []
+    for path in sorted(SCREENS.glob("*.csv")):
+        if path.stem.endswith("_epochs"):
+            continue
+        screen = pd.read_csv(path)
+        where = ", ".join(sorted({f"{d} ({p})" for d, p in zip(screen["device"], screen["precision"])}))
+        base = ", ".join(f"`{k.removeprefix('train.resnet.')}={v}`" for k, v in json.loads(screen["base"][0]).items())
+        lines += [f"### `{path.name}` ({len(screen)} runs on {where}; every epoch in `{path.stem}_epochs.csv`)",
+                  "", f"Every recipe is params.yaml with {base or 'nothing'} (the base) and its own changes.", "",
+                  *screen_table(screen), ""]
     return lines
 
 
@@ -318,16 +363,20 @@ def write() -> Path:
         lines += ["## Seeds", "", "`metrics/seeds.json` holds the seeds of another ResNet recipe than this run's; "
                   "the seeds of this one are not measured yet (`make seeds`).", ""]
     if TRIED.exists():
-        tried = pd.read_csv(TRIED)
-        lines += ["## What was tried", "", "Every `train_resnet` run of the full data on this machine, from the "
-                  "MLflow store (`python -m pipeline.results --tried` writes `docs/tried.csv`); a run stopped "
-                  "early shows the epochs it ran.", "", *tried_table(tried), ""]
+        tried = pd.read_csv(TRIED, dtype={"run": str})  # ids such as 0e123456 stay text
+        lines += ["## What was tried", "", "Every `train_resnet` run of the full data on the project's 2-core CPU "
+                  "machines (fp32 unless the seconds say bf16), from their MLflow stores (`python -m pipeline.results "
+                  "--tried` adds the store's runs to `docs/tried.csv`); a run stopped early shows the epochs it ran.", "", *tried_table(tried), ""]
         plots.tried_runs(tried, goals["val_acc_min"], goals["train_acc_max"],
                          STAGE_MINUTES_GOAL).savefig(TRIED_PLOT, dpi=100)
         lines += [f"![validation accuracy against minutes of training, the finished runs above that had an epoch "
                   f"under the training bound, "
                   f"{machine.get('device', '')}; "
                   f"data: {'offline JPEG copy' if offline else 'see above'}]({TRIED_PLOT.name})", ""]
+    if screen_lines := screens_section():
+        lines += ["## Screens", "", "Short runs of many recipes, one seed unless named, by `scripts/screen.py` (each "
+                  "an MLflow run under `cifar10-screening`); data: the offline JPEG copy. Compute is the "
+                  "recipe's training FLOPs over the default's at the time of the screen.", "", *screen_lines]
     lines += ["## The ResNet recipe of this run (from dvc.lock)", "", *params_block(lock), ""]
     RESULTS.write_text("\n".join(lines))
     if README.exists() and README_START in README.read_text():

@@ -37,11 +37,12 @@ def test_the_tried_runs_plot_shows_finished_runs_by_width():
                   "width 24 blocks [1, 0, 1] pool, conv stem, dirac init", "width 16 blocks [1, 0, 1] pool, conv stem"],
         "epochs_planned": [9, 9, 9, 18], "epochs_run": [9, 9, 9, 7],
         "val_acc": [0.83, 0.845, 0.832, 0.80], "seconds": [1800, 2460, 1600, 600],
+        "precision": [None, "bf16", None, None],  # older runs recorded none: fp32
     })
     ax = plots.tried_runs(tried, 0.85, 0.92, 30).axes[0]
     points = {collection.get_label(): collection.get_offsets().tolist() for collection in ax.collections}
-    assert points == {"width 24": [[30.0, 0.83], [1600 / 60, 0.832]], "width 32": [[41.0, 0.845]]}, \
-        "one series per width; the run stopped early is left out"
+    assert points == {"width 24, fp32": [[30.0, 0.83], [1600 / 60, 0.832]], "width 32, bf16": [[41.0, 0.845]]}, \
+        "one series per width and precision; the run stopped early is left out"
     assert ax.lines[0].get_ydata()[0] == 0.85 and ax.lines[1].get_xdata()[0] == 30
     assert "< 92%" in ax.get_title()
 

@@ -54,6 +54,37 @@ def test_tried_lists_runs_recorded_under_either_metric_naming_once(tmp_path, mon
     assert results.tried_table(pd.read_csv(tmp_path / "tried.csv"))[2].split(" | ")[2] == "3", "the table's seed column"
 
 
+def test_tried_keeps_the_rows_of_earlier_stores_and_rewrites_the_runs_of_this_one(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("tried")
+    with mlflow.start_run(tags={"dvc.stage": "train_resnet", "precision": "bf16"}) as run:
+        mlflow.log_params({"model.width": 4, "epochs": 1})
+        mlflow.log_metrics({"train_acc": 0.5, "train_eval_acc": 0.6, "val_acc": 0.55, "epoch_time_s": 3.0}, step=1)
+    path = tmp_path / "tried.csv"
+    # A run from another machine's store (not in this one), and a stale row of this store's run.
+    pd.DataFrame([{"run": "0e123456", "val_acc": 0.8, "seconds": 100},
+                  {"run": run.info.run_id[:8], "val_acc": 0.1, "seconds": 1}]).to_csv(path, index=False)
+    tried = pd.read_csv(results.export_tried(path), dtype={"run": str})
+    assert list(tried["run"]) == ["0e123456", run.info.run_id[:8]], "earlier rows first, leading zeros kept"
+    assert list(tried["val_acc"]) == [0.8, 0.55] and tried["precision"].iloc[1] == "bf16"
+    assert results.precision_note("bf16") == ", bf16" and results.precision_note(float("nan")) == ""
+
+
+def test_the_screen_table_ranks_recipes_by_their_mean_over_seeds():
+    screen = pd.DataFrame([
+        {"label": "a", "seed": 0, "changes": "{}", "val_acc": 0.80},
+        {"label": "b", "seed": 0, "changes": '{"train.resnet.optimizer.lr": 0.2}', "val_acc": 0.82},
+        {"label": "a", "seed": 1, "changes": "{}", "val_acc": 0.86},
+    ]).assign(relative_compute=1.0, train_running_acc=0.9, train_clean_subset_acc=0.95, selected_epoch=3,
+              epochs=3, seconds=10.0)
+    lines = results.screen_table(screen)
+    assert lines[2].startswith("| a | none | 1.00 | 2 | 83.00% |"), "a's two seeds averaged, ranked first"
+    assert lines[3].startswith("| b | `optimizer.lr=0.2` | 1.00 | 1 | 82.00% |")
+
+
 @pytest.mark.parametrize("params, words", [
     ({"ema_decay": "0.995"}, "EMA 0.995"),
     ({"ema_decay": "None", "swa_epochs": "4", "average_batch_norm_images": "5000"},
