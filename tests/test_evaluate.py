@@ -8,9 +8,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import config, data, paths, tracking
+from pipeline.device import uses_bf16
 from pipeline.models import ModelFileError
 from pipeline.stages import download, evaluate, normalize, train
 from tests.conftest import enter_project, tiny_params
@@ -87,6 +89,9 @@ def test_metrics_hold_before_after_figures_for_both_models(trained):
     assert list(per_class.index) == data.load_stats(paths.NORMALIZED)["classes"]
     assert list(per_class.columns) == ["baseline", "resnet"]
     assert set(metrics["targets"]) == {"val_acc", "train_acc", "epochs", "no_augmentation", "cifar10_only"}
+    # Where it was measured, with the precision `auto` chose there: training times depend on both.
+    assert metrics["machine"]["device"] == "cpu" and metrics["machine"]["precision"] in ("bf16", "fp32")
+    assert metrics["machine"]["precision"] == ("bf16" if uses_bf16("auto", torch.device("cpu")) else "fp32")
 
 
 def test_confusion_plots_match_the_test_split(trained):

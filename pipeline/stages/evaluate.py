@@ -42,12 +42,13 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     stats = data.load_stats(paths.NORMALIZED)
     classes = stats["classes"]
     device = select_device(config.train.device)
+    bf16 = uses_bf16(config.train.precision, device)
 
     rows, histories, tracked = {}, {}, {}
     for name in paths.MODEL_NAMES:
         model, summary, histories[name], tracked[name] = _trained(config, name)
         rows[name] = evaluate.evaluate_model(model, splits, device, config.train.eval_batch_size, len(classes),
-                                             uses_bf16(config.train.precision, device), label=name)
+                                             bf16, label=name)
         print(f"{name}: train acc {rows[name]['train_acc']:.4f}, val acc {rows[name]['val_acc']:.4f}, "
               f"test acc {rows[name]['test_acc']:.4f}", flush=True)
         rows[name]["trained"] = summary
@@ -56,7 +57,7 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
             print(f"warning: the MLflow run of train_{name} is incomplete ({missing}): record the stage with "
                   f"`python -m pipeline log-run {name}`, then rerun evaluate", file=sys.stderr)
     targets = evaluate.check_targets(config, rows["resnet"], rows["resnet"]["trained"], classes)
-    metrics = _metrics(rows, targets, device)
+    metrics = _metrics(rows, targets, device, bf16)
     table = evaluate.comparison_table(rows)
     _write_outputs(config, rows, histories, targets, table, classes, splits["test"].labels, device)
     paths.METRICS.mkdir(exist_ok=True)
@@ -72,7 +73,7 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     return metrics
 
 
-def _metrics(rows: dict, targets: dict, device: torch.device) -> dict:
+def _metrics(rows: dict, targets: dict, device: torch.device, bf16: bool) -> dict:
     """metrics/evaluate.json: the figures people compare, per model, and whether each target holds."""
     metrics = {
         name: {
@@ -88,7 +89,8 @@ def _metrics(rows: dict, targets: dict, device: torch.device) -> dict:
     metrics["all_targets_hold"] = all(t["holds"] for t in targets.values())
     # Where the figures were measured (the stages run on one machine; train times depend on it).
     metrics["machine"] = {"device": device_name(device), "cpu": evaluate.cpu_model(),
-                          "threads": torch.get_num_threads()}
+                          "threads": torch.get_num_threads(),
+                          "precision": "bf16" if bf16 else "fp32"}
     return metrics
 
 
