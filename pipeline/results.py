@@ -128,7 +128,7 @@ def readme_summary(evaluated: dict, trained: dict[str, dict], seeds: dict | None
         "",
         f"Targets of the ResNet (seed 0): {'**every one holds**' if held else '**not every one holds**'}. "
         f"Measured on {machine.get('cpu', 'an unrecorded machine')} (`{machine.get('device', '?')}`, "
-        f"{machine.get('threads', '?')} threads), data: {data_source(data_md5).split(' (')[0]}"
+        f"{machine.get('threads', '?')} threads{', ' + machine['precision'] if machine.get('precision') else ''}), data: {data_source(data_md5).split(' (')[0]}"
         f"{' (a JPEG re-encoding of the images)' if data_md5 == OFFLINE_COPY_MD5 else ''}. "
         "Running training accuracy is the training-mode figure averaged over the kept epoch; clean is eval mode.",
     ]
@@ -204,9 +204,12 @@ def export_tried(path: Path = TRIED) -> Path:
         })
     mlflow.set_tracking_uri(None)
     tried = pd.DataFrame(rows)
-    if path.exists():
+    if path.exists() and path.stat().st_size:
         earlier = pd.read_csv(path, dtype={"run": str})
-        tried = pd.concat([earlier[~earlier["run"].isin(tried.get("run", []))], tried], ignore_index=True)
+        fresh = set(tried.get("run", []))
+        order = [*earlier["run"], *(run for run in tried.get("run", []) if run not in set(earlier["run"]))]
+        tried = (pd.concat([earlier[~earlier["run"].isin(fresh)], tried]).set_index("run").loc[order]
+                 .reset_index())  # a run keeps its place in the file; new ones come last
     path.parent.mkdir(parents=True, exist_ok=True)
     tried.to_csv(path, index=False)
     return path
@@ -255,7 +258,7 @@ def tried_table(tried: pd.DataFrame) -> list[str]:
 
 
 def precision_note(precision) -> str:
-    """`, bf16` after a run's seconds where it trained in bf16; runs that did not record it trained in fp32."""
+    """`, bf16` (after a run's seconds, or a machine) where it ran in bf16; fp32, or not recorded: nothing."""
     return f", {precision}" if isinstance(precision, str) and precision != "fp32" else ""
 
 
@@ -266,7 +269,7 @@ def screen_table(screen: pd.DataFrame) -> list[str]:
         val_acc=("val_acc", "mean"), train_running_acc=("train_running_acc", "mean"),
         train_clean_subset_acc=("train_clean_subset_acc", "mean"), selected_epoch=("selected_epoch", "max"),
         epochs=("epochs", "first"), seconds=("seconds", "mean")).sort_values("val_acc", ascending=False)
-    lines = ["| recipe | changes from params.yaml | compute (default = 1) | seeds | val acc | running / clean (subset) "
+    lines = ["| recipe | changes over the base | compute (base = 1) | seeds | val acc | running / clean (subset) "
              "train acc | kept / last epoch | seconds |", "|---|---|---|---|---|---|---|---|"]
     for label, row in grouped.iterrows():
         changes = ", ".join(f"`{k.removeprefix('train.resnet.')}={v}`" for k, v in json.loads(row.changes).items())
@@ -282,12 +285,16 @@ def screens_section() -> list[str]:
     for path in sorted(SCREENS.glob("*.csv")):
         if path.stem.endswith("_epochs"):
             continue
-        screen = pd.read_csv(path)
-        where = ", ".join(sorted({f"{d} ({p})" for d, p in zip(screen["device"], screen["precision"])}))
-        base = ", ".join(f"`{k.removeprefix('train.resnet.')}={v}`" for k, v in json.loads(screen["base"][0]).items())
+        screen = pd.read_csv(path, dtype={"run": str})
+        column = lambda name: screen.get(name, pd.Series(dtype=object)).dropna()  # noqa: E731  (older screens)
+        where = ", ".join(sorted({f"{d} ({p})" for d, p in zip(column("device"), column("precision"))})) or \
+            "an unrecorded device"
+        data = ", ".join(sorted({data_source(md5) for md5 in column("data_md5")})) or "not recorded"
+        base = json.loads(column("base").iloc[0]) if len(column("base")) else {}
+        base_text = ", ".join(f"`{k.removeprefix('train.resnet.')}={v}`" for k, v in base.items())
         lines += [f"### `{path.name}` ({len(screen)} runs on {where}; every epoch in `{path.stem}_epochs.csv`)",
-                  "", f"Every recipe is params.yaml with {base or 'nothing'} (the base) and its own changes.", "",
-                  *screen_table(screen), ""]
+                  "", f"Data: {data}. Every recipe is params.yaml with {base_text or 'no changes'} (the base) and "
+                  "its own changes.", "", *screen_table(screen), ""]
     return lines
 
 
@@ -335,7 +342,7 @@ def write() -> Path:
         "",
         f"- Data: {data_source(data_params['data.md5'])}; archive md5 `{data_params['data.md5']}`.",
         f"- Machine: {machine.get('cpu', 'not recorded')}, device `{machine.get('device', '?')}`, "
-        f"{machine.get('threads', '?')} threads.",
+        f"{machine.get('threads', '?')} threads{', ' + machine['precision'] if machine.get('precision') else ''}.",
         "- One `dvc repro` with seed 0. Training accuracy is the running figure in training mode (dropout on, "
         "averaged over the epoch); clean accuracy is eval mode. Test accuracy chose nothing.",
         "",
@@ -370,13 +377,12 @@ def write() -> Path:
         plots.tried_runs(tried, goals["val_acc_min"], goals["train_acc_max"],
                          STAGE_MINUTES_GOAL).savefig(TRIED_PLOT, dpi=100)
         lines += [f"![validation accuracy against minutes of training, the finished runs above that had an epoch "
-                  f"under the training bound, "
-                  f"{machine.get('device', '')}; "
+                  f"under the training bound, on the machines of the table above; "
                   f"data: {'offline JPEG copy' if offline else 'see above'}]({TRIED_PLOT.name})", ""]
     if screen_lines := screens_section():
-        lines += ["## Screens", "", "Short runs of many recipes, one seed unless named, by `scripts/screen.py` (each "
-                  "an MLflow run under `cifar10-screening`); data: the offline JPEG copy. Compute is the "
-                  "recipe's training FLOPs over the default's at the time of the screen.", "", *screen_lines]
+        lines += ["## Screens", "", "Short runs of many recipes by `scripts/screen.py` (each an MLflow run under "
+                  "`cifar10-screening`), their seeds averaged. Compute is the recipe's training FLOPs over the "
+                  "base's.", "", *screen_lines]
     lines += ["## The ResNet recipe of this run (from dvc.lock)", "", *params_block(lock), ""]
     RESULTS.write_text("\n".join(lines))
     if README.exists() and README_START in README.read_text():

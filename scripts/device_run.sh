@@ -11,7 +11,8 @@
 # and mlflow.db into this tree, as on the device: rehearse in a clone)
 # Arguments after --tiny (or all of them) go to scripts/acceptance.py, e.g. `--seeds 0 --candidates` to
 # run only the default, the recipe and no candidates, so that a long sweep can be split over two calls.
-# `--screen` first runs scripts/screen.py instead (short runs of the recipes in configs/screens/).
+# `--screen` as the first argument (before --tiny) runs scripts/screen.py instead, which takes the rest
+# (`--grid configs/screens/NAME.yaml --seeds 0 1`); under --tiny a grid's own widths and epochs still apply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}

@@ -8,10 +8,10 @@ Run from the project root (scripts/device_run.sh --screen calls it on the GPU ma
 The grid file maps a label to overrides ({}: the recipe unchanged); an optional `base:` entry holds
 overrides under every candidate, so that a screen keeps its meaning when params.yaml changes. Each candidate is trained by the
 pipeline's own train_resnet stage under the MLflow experiment `cifar10-screening`, so the search can be
-browsed and compared in `mlflow ui`. After every run DIR/screen.csv (one row per run, with the
-candidate's compute relative to the default's), DIR/screen_epochs.csv (every epoch of every run) and
-DIR/mlflow.db are rewritten, so a call cut short still returns what it did. A run that would not end
-within --budget-s is skipped.
+browsed and compared in `mlflow ui`. After every run DIR/<grid>.csv (one row per run, with the
+candidate's compute relative to the base's), DIR/<grid>_epochs.csv (every epoch of every run) and
+DIR/mlflow.db are rewritten, so a call cut short still returns what it did; docs/screens/ keeps the
+committed ones. A run is skipped when 1.25 times the longest run so far would pass --budget-s.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def overrides_of(changes: dict) -> list[str]:
 def compute(cfg: config_module.Config) -> float:
     """Training FLOPs of the whole schedule (forward and backward, every epoch), in PFLOP."""
     recipe = cfg.train.resnet
-    return training_flops_per_image(recipe.model) * recipe.epochs * 45_000 / 1e15
+    return training_flops_per_image(recipe.model) * recipe.epochs * (50_000 - cfg.data.val_size) / 1e15
 
 
 def row(label: str, seed: int, base: dict, changes: dict, metrics: dict, seconds: float,
-        relative_compute: float) -> dict:
+        relative_compute: float, data_md5: str) -> dict:
     """One run's line of screen.csv; the device and precision as the training run recorded them in MLflow."""
     run_id = json.loads(paths.model_tracking_file("resnet").read_text())["run_id"]
     tags = mlflow.get_run(run_id).data.tags
@@ -59,7 +59,8 @@ def row(label: str, seed: int, base: dict, changes: dict, metrics: dict, seconds
             "selected_epoch": metrics["selected_epoch"], "epochs": metrics["epochs"],
             "val_acc": metrics["val_acc"], "train_running_acc": metrics["train_acc"],
             "train_clean_subset_acc": metrics["train_eval_acc"], "seconds": seconds,
-            "device": tags.get("device"), "precision": tags.get("precision"), "run": run_id[:8]}
+            "device": tags.get("device"), "precision": tags.get("precision"), "run": run_id[:8],
+            "data_md5": data_md5}
 
 
 def main(argv: list[str]) -> int:
@@ -97,13 +98,13 @@ def main(argv: list[str]) -> int:
             seconds = time.perf_counter() - run_started
             longest = max(longest, seconds)
             rows.append(row(label, seed, grid_base, changes or {}, metrics, seconds,
-                            compute(cfg) / default_compute))
+                            compute(cfg) / default_compute, cfg.data.md5))
             history = pd.read_csv(paths.history_file("resnet")).assign(label=label, seed=seed)
             epochs.append(history)
             print(f"== {label} seed {seed}: val {metrics['val_acc']:.2%} running {metrics['train_acc']:.2%} "
                   f"epoch {metrics['selected_epoch']} ({seconds:.0f} s)", flush=True)
-            pd.DataFrame(rows).to_csv(args.out / "screen.csv", index=False)
-            pd.concat(epochs).to_csv(args.out / "screen_epochs.csv", index=False)
+            pd.DataFrame(rows).to_csv(args.out / f"{args.grid.stem}.csv", index=False)
+            pd.concat(epochs).to_csv(args.out / f"{args.grid.stem}_epochs.csv", index=False)
             backup_tracking_store(args.out / "mlflow.db")
     if rows:
         print(pd.DataFrame(rows).drop(columns="changes").to_string(index=False))

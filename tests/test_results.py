@@ -108,3 +108,18 @@ def test_the_tried_table_names_the_scored_average(params, words):
 def test_the_tried_table_names_what_differs_from_the_default_model(params, words):
     layout = {"model.width": "24", "model.blocks": "[1, 0, 1]", "model.downsample": "pool", **params}
     assert results.model_description(lambda key, default=None: layout.get(key, default)) == words
+
+
+def test_screens_are_listed_with_their_base_device_and_data_and_older_screens_still_render(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "SCREENS", tmp_path)
+    figures = {"seed": 0, "changes": "{}", "relative_compute": 1.0, "val_acc": 0.8, "train_running_acc": 0.9,
+               "train_clean_subset_acc": 0.95, "selected_epoch": 3, "epochs": 3, "seconds": 10.0}
+    pd.DataFrame([{"label": "a", **figures, "base": '{"train.resnet.model.width": 24}', "device": "NVIDIA H200",
+                   "precision": "fp32", "data_md5": results.OFFLINE_COPY_MD5}]).to_csv(tmp_path / "new.csv")
+    pd.DataFrame([{"label": "b", **figures}]).to_csv(tmp_path / "old.csv")  # before base, device and data
+    pd.DataFrame([{"epoch": 1}]).to_csv(tmp_path / "new_epochs.csv")
+    text = "\n".join(results.screens_section())
+    assert "### `new.csv` (1 runs on NVIDIA H200 (fp32)" in text and "`model.width=24` (the base)" in text
+    assert "offline copy" in text
+    assert "### `old.csv` (1 runs on an unrecorded device" in text and "Data: not recorded" in text
+    assert "new_epochs.csv`)" in text and "### `new_epochs.csv`" not in text, "epoch files are not screens"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +22,6 @@ TINY = {"train.resnet.epochs": 1, "train.resnet.model.width": 4, "train.resnet.b
 def screen(tmp_path, archive_url, tiny_archive):
     """Runs the script with a grid in a copy of the project's layout; returns (run, out directory)."""
     write_params(tmp_path, tiny_params(archive_url, tiny_archive[1]))
-    shutil.copytree(ROOT / "bench", tmp_path / "bench")
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"base": TINY, "default": {}, "wider": {"train.resnet.model.width": 8},
                                     "two_epochs": {"train.resnet.epochs": 2}}, sort_keys=False))
@@ -38,12 +36,12 @@ def screen(tmp_path, archive_url, tiny_archive):
     return run, out
 
 
-def test_screen_trains_every_candidate_over_the_base_and_records_each_run(screen):
+def test_screen_trains_every_candidate_over_the_base_and_records_each_run(screen, tiny_archive):
     run, out = screen
     done = run("--seeds", "0", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    table = pd.read_csv(out / "screen.csv")
+    table = pd.read_csv(out / "grid.csv")  # named after the grid
     assert list(zip(table["label"], table["seed"])) == [
         ("default", 0), ("wider", 0), ("two_epochs", 0), ("default", 1), ("wider", 1), ("two_epochs", 1)]
     assert {json.loads(b)["train.resnet.model.width"] for b in table["base"]} == {4}
@@ -53,8 +51,9 @@ def test_screen_trains_every_candidate_over_the_base_and_records_each_run(screen
     assert 3.0 < compute["wider"] < 4.5
     assert list(table.groupby("label", sort=False)["epochs"].first()) == [1, 1, 2]
     assert set(table["device"]) == {"cpu"} and set(table["precision"]) <= {"fp32", "bf16"}
+    assert set(table["data_md5"]) == {tiny_archive[1]}
 
-    epochs = pd.read_csv(out / "screen_epochs.csv")
+    epochs = pd.read_csv(out / "grid_epochs.csv")
     assert len(epochs) == 2 * (1 + 1 + 2)  # one line per epoch of every run
     with sqlite3.connect(out / "mlflow.db") as db:  # the copy that travels back
         runs = {row[0][:8] for row in db.execute(
@@ -69,4 +68,4 @@ def test_screen_skips_what_would_pass_the_budget(screen):
     done = run("--budget-s", "0")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("== skipping") == 3
-    assert not (out / "screen.csv").exists()
+    assert not (out / "grid.csv").exists()
