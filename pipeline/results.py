@@ -128,7 +128,8 @@ def readme_summary(evaluated: dict, trained: dict[str, dict], seeds: dict | None
         "",
         f"Targets of the ResNet (seed 0): {'**every one holds**' if held else '**not every one holds**'}. "
         f"Measured on {machine.get('cpu', 'an unrecorded machine')} (`{machine.get('device', '?')}`, "
-        f"{machine.get('threads', '?')} threads{', ' + machine['precision'] if machine.get('precision') else ''}), data: {data_source(data_md5).split(' (')[0]}"
+        f"{machine.get('threads', '?')} threads{machine_precision(machine)}), "
+        f"data: {data_source(data_md5).split(' (')[0]}"
         f"{' (a JPEG re-encoding of the images)' if data_md5 == OFFLINE_COPY_MD5 else ''}. "
         "Running training accuracy is the training-mode figure averaged over the kept epoch; clean is eval mode.",
     ]
@@ -257,8 +258,13 @@ def tried_table(tried: pd.DataFrame) -> list[str]:
     return lines
 
 
+def machine_precision(machine: dict) -> str:
+    """`, bf16` or `, fp32` after a machine's threads, as evaluate.json recorded it; nothing where it did not."""
+    return f", {machine['precision']}" if machine.get("precision") else ""
+
+
 def precision_note(precision) -> str:
-    """`, bf16` (after a run's seconds, or a machine) where it ran in bf16; fp32, or not recorded: nothing."""
+    """`, bf16` after a run's seconds where it trained in bf16; fp32, or not recorded: nothing."""
     return f", {precision}" if isinstance(precision, str) and precision != "fp32" else ""
 
 
@@ -342,7 +348,7 @@ def write() -> Path:
         "",
         f"- Data: {data_source(data_params['data.md5'])}; archive md5 `{data_params['data.md5']}`.",
         f"- Machine: {machine.get('cpu', 'not recorded')}, device `{machine.get('device', '?')}`, "
-        f"{machine.get('threads', '?')} threads{', ' + machine['precision'] if machine.get('precision') else ''}.",
+        f"{machine.get('threads', '?')} threads{machine_precision(machine)}.",
         "- One `dvc repro` with seed 0. Training accuracy is the running figure in training mode (dropout on, "
         "averaged over the epoch); clean accuracy is eval mode. Test accuracy chose nothing.",
         "",
@@ -372,8 +378,9 @@ def write() -> Path:
     if TRIED.exists():
         tried = pd.read_csv(TRIED, dtype={"run": str})  # ids such as 0e123456 stay text
         lines += ["## What was tried", "", "Every `train_resnet` run of the full data on the project's 2-core CPU "
-                  "machines (fp32 unless the seconds say bf16), from their MLflow stores (`python -m pipeline.results "
-                  "--tried` adds the store's runs to `docs/tried.csv`); a run stopped early shows the epochs it ran.", "", *tried_table(tried), ""]
+                  "machines (fp32 unless the seconds say bf16), from their MLflow stores (`python -m "
+                  "pipeline.results --tried` adds the store's runs to `docs/tried.csv`); a run stopped early shows "
+                  "the epochs it ran.", "", *tried_table(tried), ""]
         plots.tried_runs(tried, goals["val_acc_min"], goals["train_acc_max"],
                          STAGE_MINUTES_GOAL).savefig(TRIED_PLOT, dpi=100)
         lines += [f"![validation accuracy against minutes of training, the finished runs above that had an epoch "

@@ -6,12 +6,13 @@ Run from the project root (scripts/device_run.sh --screen calls it on the GPU ma
                              [--seeds 0] [--budget-s 480] [-S key=value ...]
 
 The grid file maps a label to overrides ({}: the recipe unchanged); an optional `base:` entry holds
-overrides under every candidate, so that a screen keeps its meaning when params.yaml changes. Each candidate is trained by the
-pipeline's own train_resnet stage under the MLflow experiment `cifar10-screening`, so the search can be
-browsed and compared in `mlflow ui`. After every run DIR/<grid>.csv (one row per run, with the
-candidate's compute relative to the base's), DIR/<grid>_epochs.csv (every epoch of every run) and
-DIR/mlflow.db are rewritten, so a call cut short still returns what it did; docs/screens/ keeps the
-committed ones. A run is skipped when 1.25 times the longest run so far would pass --budget-s.
+overrides under every candidate, so that a screen keeps its meaning when params.yaml changes. Each
+candidate is trained by the pipeline's own train_resnet stage under the MLflow experiment
+`cifar10-screening`, so the search can be browsed and compared in `mlflow ui`. After every run
+DIR/<grid>.csv (one row per run, with the candidate's compute relative to the base's),
+DIR/<grid>_epochs.csv (every epoch of every run) and DIR/mlflow.db are rewritten, so a call cut short
+still returns what it did; docs/screens/ keeps the committed ones. A run is skipped when 1.25 times
+the longest run so far would pass --budget-s.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def compute(cfg: config_module.Config) -> float:
 
 def row(label: str, seed: int, base: dict, changes: dict, metrics: dict, seconds: float,
         relative_compute: float, data_md5: str) -> dict:
-    """One run's line of screen.csv; the device and precision as the training run recorded them in MLflow."""
+    """One run's line of <grid>.csv; the device and precision as the training run recorded them in MLflow."""
     run_id = json.loads(paths.model_tracking_file("resnet").read_text())["run_id"]
     tags = mlflow.get_run(run_id).data.tags
     return {"label": label, "seed": seed, "base": json.dumps(base), "changes": json.dumps(changes),
