@@ -6,6 +6,8 @@ Real params files and the real command line (a subprocess); nothing is mocked.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -134,13 +136,30 @@ def test_overlay_file_is_merged_over_the_params_and_under_the_overrides():
     assert cfg.train.baseline == config.load(PARAMS).train.baseline
 
 
-@pytest.mark.parametrize("overlay", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda path: path.name)
+SCREENS = ROOT / "configs" / "screens"  # grids of overrides for scripts/screen.py, not overlays
+
+
+@pytest.mark.parametrize("overlay", sorted(p for p in (ROOT / "configs").rglob("*.yaml") if SCREENS not in p.parents),
+                         ids=lambda path: path.name)
 def test_every_named_configuration_loads_and_changes_only_the_resnet(overlay):
     # The device run trains each of these: a typo must fail here, not in a GPU call.
     default = config.load(PARAMS)
     cfg = config.load(PARAMS, overlays=[overlay])
     assert cfg.train.resnet != default.train.resnet
     assert cfg.model_copy(update={"train": cfg.train.model_copy(update={"resnet": default.train.resnet})}) == default
+
+
+@pytest.mark.parametrize("grid", sorted(SCREENS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_screen_recipe_loads_over_its_base(grid):
+    # As scripts/screen.py applies them: the base's overrides, then the recipe's, values as YAML flow.
+    recipes = yaml.safe_load(grid.read_text())
+    base = recipes.pop("base", None) or {}
+    assert recipes, "a grid lists recipes"
+    for label, changes in recipes.items():
+        wanted = {**base, **(changes or {})}
+        cfg = config.load(PARAMS, [f"{key}={json.dumps(value)}" for key, value in wanted.items()])
+        for key, value in wanted.items():
+            assert functools.reduce(getattr, key.split("."), cfg) == value, (label, key)
 
 
 def test_unknown_optimizer_lists_allowed_values():
