@@ -207,8 +207,8 @@ def export_tried(path: Path = TRIED) -> Path:
     tried = pd.DataFrame(rows)
     if path.exists() and path.stat().st_size:
         earlier = pd.read_csv(path, dtype={"run": str})
-        fresh = set(tried.get("run", []))
-        order = [*earlier["run"], *(run for run in tried.get("run", []) if run not in set(earlier["run"]))]
+        fresh, known = set(tried.get("run", [])), set(earlier["run"])
+        order = [*earlier["run"], *(run for run in tried.get("run", []) if run not in known)]
         tried = (pd.concat([earlier[~earlier["run"].isin(fresh)], tried]).set_index("run").loc[order]
                  .reset_index())  # a run keeps its place in the file; new ones come last
     path.parent.mkdir(parents=True, exist_ok=True)
