@@ -58,7 +58,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a named configuration merged over the params, e.g. configs/problem_recipe.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="N",
                         help="for seeds: the seeds to train (default: 0 1 2); the params' own seed comes from "
-                        "the pipeline's run when its outputs match")
+                        "the pipeline's run when its outputs match, the others from metrics/seeds.json when it "
+                        "holds them for the same recipe")
+    parser.add_argument("--retrain", action="store_true",
+                        help="for seeds: train every seed but the pipeline's own, even those metrics/seeds.json holds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     parser.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)  # set by `all` for torchrun children
     args = parser.parse_args(argv)
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             print(log_run.run(config, args.model))
         elif args.stage == "seeds":
             check.preflight(config)
-            seeds.run(config, args.seeds, progress=progress)
+            seeds.run(config, args.seeds, progress=progress, retrain=args.retrain)
         elif args.stage == "repro":
             if args.overlay or args.params != "params.yaml":
                 raise PipelineError("repro runs DVC, which reads params.yaml only: give changes as -S key=value")

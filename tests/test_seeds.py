@@ -70,3 +70,31 @@ def test_the_params_seed_trains_when_the_pipeline_outputs_are_of_other_params(pr
     summary = seeds.run(cfg, [0], progress=False)
     assert (paths.CHECKPOINTS / "resnet-seed0.pt").exists()
     assert summary["seeds"][0]["seed"] == 0 and summary["std"]["val_acc"] == 0.0
+
+
+def test_seeds_that_seeds_json_holds_for_this_recipe_are_not_trained_again(project):
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    held = {"seed": 1, "val_acc": 0.123456, "test_acc": 0.5, "train_running_acc": 0.4, "train_acc": 0.6,
+            "selected_epoch": 1, "train_time_s": 9.0}
+
+    def record(recipe: dict) -> None:
+        seeds.SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        seeds.SEEDS_FILE.write_text(json.dumps({"recipe": recipe, **seeds.aggregate([held])}))
+
+    record(results.recipe_without_seed(cfg.train.resnet))
+    summary = seeds.run(cfg, [1, 2], progress=False)
+    assert summary["seeds"][0] == held, "seed 1 is taken from seeds.json as it is"
+    assert not (paths.CHECKPOINTS / "resnet-seed1.pt").exists()
+    assert (paths.CHECKPOINTS / "resnet-seed2.pt").exists(), "seed 2 is not in seeds.json: it trains"
+    assert json.loads(seeds.SEEDS_FILE.read_text())["seeds"][0] == held
+
+    # Held for another recipe, the seed trains.
+    record({**results.recipe_without_seed(cfg.train.resnet), "epochs": cfg.train.resnet.epochs + 1})
+    assert seeds.run(cfg, [1], progress=False)["seeds"][0]["val_acc"] != held["val_acc"]
+    assert (paths.CHECKPOINTS / "resnet-seed1.pt").exists()
+
+    # --retrain trains it although seeds.json holds it for this recipe.
+    record(results.recipe_without_seed(cfg.train.resnet))
+    assert seeds.run(cfg, [1], progress=False, retrain=True)["seeds"][0]["val_acc"] != held["val_acc"]

@@ -4,7 +4,8 @@ The seed that params.yaml names is the `dvc repro` run: its figures come from me
 when models/resnet was trained with these params, so only the other seeds train here. Each of them is
 one MLflow run (tag `seed`) in the params' experiment, checkpoints every epoch to
 checkpoints/resnet-seed<N>.pt and resumes from there when rerun, and is scored as `evaluate` scores:
-every split in eval mode. Test accuracy is reported, never used to choose anything.
+every split in eval mode. A seed that metrics/seeds.json already holds for the same recipe is taken from
+there, not trained again (unless `retrain`). Test accuracy is reported, never used to choose anything.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def from_pipeline_run(config: Config) -> dict | None:
         return None
     resnet = json.loads(evaluated.read_text())["resnet"]
     return {"seed": config.train.resnet.seed, **{k: resnet[k] for k in FIGURES}}
+
+
+def recorded_seeds(config: Config) -> dict[int, dict]:
+    """The rows of metrics/seeds.json by seed, if that file is of this recipe; else none."""
+    try:
+        recorded = json.loads(SEEDS_FILE.read_text())
+    except (OSError, ValueError):  # absent or not JSON: nothing to reuse
+        return {}
+    if not isinstance(recorded, dict) or recorded.get("recipe") != recipe_without_seed(config.train.resnet):
+        return {}
+    rows = recorded.get("seeds")
+    return {row["seed"]: row for row in rows if isinstance(row, dict) and isinstance(row.get("seed"), int)
+            and all(isinstance(row.get(k), (int, float)) for k in FIGURES)} if isinstance(rows, list) else {}
 
 
 def train_seed(config: Config, progress: bool) -> dict:
@@ -95,14 +109,18 @@ def aggregate(rows: list[dict]) -> dict:
     }
 
 
-def run(config: Config, seeds: list[int], progress: bool = True) -> dict:
+def run(config: Config, seeds: list[int], progress: bool = True, retrain: bool = False) -> dict:
     tracking.require_tracking("seeds")
+    recorded = {} if retrain else recorded_seeds(config)
     rows = []
     for seed in seeds:
         seeded = with_seed(config, seed)
         row = from_pipeline_run(seeded) if seed == config.train.resnet.seed else None
         if row is not None:
             print(f"seed {seed}: from the pipeline's own run (metrics/evaluate.json)")
+        elif seed in recorded:
+            row = {k: recorded[seed][k] for k in ("seed", *FIGURES)}
+            print(f"seed {seed}: from {SEEDS_FILE}, trained earlier with this recipe (--retrain trains it again)")
         else:
             print(f"seed {seed}: training the ResNet of params.yaml with train.resnet.seed={seed}", flush=True)
             row = train_seed(seeded, progress)
