@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 import yaml
 
 from pipeline.device import cpu_has_native_bf16
+from pipeline.evaluate import cpu_model
 
 STAGE_STARTS = re.compile(r"Running stage '([^']+)'")
 
@@ -36,29 +36,21 @@ def stage_seconds(announced: list[tuple[str, float]], started: float, ended: flo
     return seconds
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def repro(dvc_args: list[str]) -> tuple[int, dict[str, float], float]:
     """Runs `dvc repro --force` with its output passed through; returns (exit code, seconds per stage, total)."""
     announced: list[tuple[str, float]] = []
     started = time.perf_counter()
     with subprocess.Popen(["dvc", "repro", "--force", *dvc_args], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT) as proc:
-        for line in proc.stdout:  # bytes: progress bars' carriage returns pass through as they are
-            sys.stdout.buffer.write(line)
+        pending = b""  # the unfinished last line, where a stage's announcement may still be arriving
+        while chunk := proc.stdout.read1(1 << 16):
+            sys.stdout.buffer.write(chunk)  # as it comes: progress bars redraw without a newline
             sys.stdout.flush()
-            match = STAGE_STARTS.search(line.decode(errors="replace"))
-            if match:
-                announced.append((match.group(1), time.perf_counter()))
+            *lines, pending = (pending + chunk).split(b"\n")
+            pending = pending[-4096:]  # a progress bar's redraws never end a line; an announcement is short
+            for line in lines:
+                if match := STAGE_STARTS.search(line.decode(errors="replace")):
+                    announced.append((match.group(1), time.perf_counter()))
     ended = time.perf_counter()
     return proc.returncode, stage_seconds(announced, started, ended), ended - started
 

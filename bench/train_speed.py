@@ -22,6 +22,7 @@ from pipeline import config as config_module
 from pipeline.models import build_model, count_parameters
 from pipeline.paths import MODEL_NAMES
 from pipeline.device import device_name, memory_format, select_device, uses_bf16
+from pipeline.evaluate import cpu_model
 from pipeline.train import make_optimizer, train_step
 
 
@@ -77,7 +78,8 @@ def main(argv: list[str]) -> int:
     config = config_module.load(args.params, args.overrides)
     device = select_device(config.train.device)
     bf16 = uses_bf16(config.train.precision, device)
-    results = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    results = {"device": device_name(device), "cpu": cpu_model(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(),
                "precision": "bf16" if bf16 else "fp32", "compile": config.train.compile,
                "models": {name: bench(getattr(config.train, name), device, bf16, config.train.compile, args.steps,
                                       args.warmup)

@@ -26,6 +26,8 @@ TRIED = DOCS / "tried.csv"
 TRIED_PLOT = DOCS / "tried.png"
 SCREENS = DOCS / "screens"  # scripts/screen.py's tables (<grid>.csv) and their epochs (<grid>_epochs.csv)
 STAGE_MINUTES_GOAL = 30  # the time within which train_resnet is to meet the targets on a 2-core CPU
+PIPELINE_MINUTES_GOAL = 45  # the same for the whole `dvc repro`, download to report
+REPRO_TIME = DOCS / "bench" / "repro_time.json"  # bench/repro_time.py --json
 README = Path("README.md")
 README_START, README_END = "<!-- results:start", "<!-- results:end -->"
 
@@ -80,6 +82,42 @@ def epochs_table(history: pd.DataFrame, selected: int) -> list[str]:
     return lines
 
 
+def selection_note(history: pd.DataFrame, selected: int, rule: str, train_acc_max: float) -> str:
+    """Whether the last epoch is kept, or which rule kept an earlier one and why."""
+    last = history.iloc[-1]
+    if int(last.epoch) == selected:
+        return (f"The last epoch is kept (rule `{rule}`); its running training accuracy is "
+                f"{pct(last.train_acc)}.")
+    if rule == "best_val_under_target" and last.train_acc >= train_acc_max:
+        return (f"The last epoch's running training accuracy, {pct(last.train_acc)}, is not under the "
+                f"{train_acc_max:.0%} bound, so the rule keeps epoch {selected}: the best validation accuracy "
+                f"among the epochs under it.")
+    return f"The rule `{rule}` keeps epoch {selected}: the best validation accuracy it admits."
+
+
+def pipeline_time_section(path: Path = REPRO_TIME) -> list[str]:
+    """The whole `dvc repro --force` timed stage by stage by bench/repro_time.py, if it has been run."""
+    if not path.exists():
+        return []
+    timed = json.loads(path.read_text())
+    total = timed["total_s"]
+    lines = [
+        f"`bench/repro_time.py`: one `dvc repro --force` from download to report at commit "
+        f"`{(timed.get('commit') or '?')[:7]}`, {timed['date'][:10]}, on {timed['cpu']} ({timed['threads']} "
+        f"threads{', native bf16' if timed.get('native_bf16') else ', no native bf16'}); DVC's own work between "
+        f"stages counts with the stage before it. **{total / 60:.1f} min in all**, "
+        f"{'within' if total <= PIPELINE_MINUTES_GOAL * 60 else '**over**'} the {PIPELINE_MINUTES_GOAL}-minute goal.",
+        "",
+        "| stage | seconds | minutes |",
+        "|---|---|---|",
+    ]
+    for stage, seconds in timed["stages_s"].items():
+        name = "DVC start-up" if stage == "dvc" else f"`{stage}`"
+        lines.append(f"| {name} | {seconds:,.0f} | {seconds / 60:.1f} |")
+    lines.append(f"| all | {total:,.0f} | {total / 60:.1f} |")
+    return lines
+
+
 def seeds_table(seeds: dict) -> list[str]:
     lines = ["| seed | val acc | test acc | running train acc | clean train acc | kept epoch | training time |",
              "|---|---|---|---|---|---|---|"]
@@ -102,8 +140,10 @@ def params_block(lock: dict) -> list[str]:
             "```"]
 
 
-def readme_summary(evaluated: dict, trained: dict[str, dict], seeds: dict | None, data_md5: str) -> list[str]:
-    """The short table of the README: the committed run, and the seeds when they are there."""
+def readme_summary(evaluated: dict, trained: dict[str, dict], seeds: dict | None, data_md5: str,
+                   timed: dict | None = None) -> list[str]:
+    """The short table of the README: the committed run, the seeds when they are there, and the whole
+    pipeline's time when bench/repro_time.py has measured it."""
     b, r = evaluated["baseline"], evaluated["resnet"]
     lines = [
         "| seed 0, `dvc repro` | running train acc | clean train acc | val acc | test acc | epochs | training time |",
@@ -133,6 +173,10 @@ def readme_summary(evaluated: dict, trained: dict[str, dict], seeds: dict | None
         f"{' (a JPEG re-encoding of the images)' if data_md5 == OFFLINE_COPY_MD5 else ''}. "
         "Running training accuracy is the training-mode figure averaged over the kept epoch; clean is eval mode.",
     ]
+    if timed:
+        where = "there" if timed["cpu"] == machine.get("cpu") else f"on {timed['cpu']} ({timed['threads']} threads)"
+        lines[-1] += (f" The whole `dvc repro`, download to report, took {timed['total_s'] / 60:.1f} min {where} "
+                      f"(`bench/repro_time.py`; stage by stage in [docs/results.md](docs/results.md)).")
     return lines
 
 
@@ -368,7 +412,12 @@ def write() -> Path:
         "",
         *epochs_table(histories["resnet"], trained["resnet"]["selected_epoch"]),
         "",
+        selection_note(histories["resnet"], trained["resnet"]["selected_epoch"], trained["resnet"]["select"],
+                       float(recipe.get("select_train_acc_max", goals["train_acc_max"]))),
+        "",
     ]
+    if timing := pipeline_time_section():
+        lines += ["## The whole pipeline's time", "", *timing, ""]
     if seeds is not None:
         lines += ["## Seeds", "", "`python -m pipeline seeds` (`metrics/seeds.json`); the standard deviation is "
                   "the sample one.", "", *seeds_table(seeds), ""]
@@ -393,7 +442,8 @@ def write() -> Path:
     lines += ["## The ResNet recipe of this run (from dvc.lock)", "", *params_block(lock), ""]
     RESULTS.write_text("\n".join(lines))
     if README.exists() and README_START in README.read_text():
-        update_readme(readme_summary(evaluated, trained, seeds, data_params["data.md5"]))
+        timed = json.loads(REPRO_TIME.read_text()) if REPRO_TIME.exists() else None
+        update_readme(readme_summary(evaluated, trained, seeds, data_params["data.md5"], timed))
     return RESULTS
 
 

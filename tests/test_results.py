@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -123,3 +125,29 @@ def test_screens_are_listed_with_their_base_device_and_data_and_older_screens_st
     assert "offline copy" in text
     assert "### `old.csv` (1 runs on an unrecorded device" in text and "Data: not recorded" in text
     assert "new_epochs.csv`)" in text and "### `new_epochs.csv`" not in text, "epoch files are not screens"
+
+
+def test_the_selection_note_says_why_an_earlier_epoch_is_kept():
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_acc": [0.80, 0.91, 0.93], "val_acc": [0.80, 0.86, 0.85]})
+    note = results.selection_note(history, 2, "best_val_under_target", 0.92)
+    assert "93.00%" in note and "not under the 92% bound" in note and "keeps epoch 2" in note
+    assert "last epoch is kept" in results.selection_note(history, 3, "last", 0.92)
+    # Kept for its validation accuracy alone: the bound is not the reason and is not named.
+    under = history.assign(train_acc=[0.80, 0.85, 0.90])
+    assert "bound" not in results.selection_note(under, 2, "best_val_under_target", 0.92)
+    assert "bound" not in results.selection_note(history, 2, "best_val", 0.92)
+
+
+def test_the_pipeline_time_is_shown_stage_by_stage_against_the_goal(tmp_path):
+    assert results.pipeline_time_section(tmp_path / "absent.json") == []
+    timed = {"date": "2026-11-30T20:00:00+00:00", "commit": "a70f633" + "0" * 33, "cpu": "Some CPU", "threads": 2,
+             "native_bf16": True, "stages_s": {"dvc": 2.0, "download": 10.0, "train_resnet": 1500.0},
+             "total_s": 1512.0}
+    path = tmp_path / "repro_time.json"
+    path.write_text(json.dumps(timed))
+    text = "\n".join(results.pipeline_time_section(path))
+    assert "`a70f633`" in text and "Some CPU" in text and "25.2 min in all" in text and "within the 45" in text
+    assert "| `train_resnet` | 1,500 | 25.0 |" in text and "| all | 1,512 | 25.2 |" in text
+    path.write_text(json.dumps({**timed, "total_s": 46 * 60.0}))
+    assert "**over** the 45" in "\n".join(results.pipeline_time_section(path))
+
