@@ -39,30 +39,28 @@ def test_bench_reports_speed_and_flops_for_both_models(tmp_path):
     assert results["models"]["baseline"]["train_gflops_per_image"] * 1e9 > 2 * 27 * 4 * 32 * 32
 
 
-def test_repro_time_runs_every_stage_and_accounts_for_the_whole_run(tmp_path, built_project):
+def test_repro_time_times_each_forced_stage_and_writes_nothing_for_a_failed_run(tmp_path, built_project):
     repo = copy_project(built_project, tmp_path)
     out = tmp_path / "repro_time.json"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
     env.pop("MLFLOW_RUN_ID", None)
-    done = subprocess.run([sys.executable, str(ROOT / "bench/repro_time.py"), "--json", str(out)], cwd=repo,
-                          env=env, capture_output=True, text=True, timeout=600)
+
+    def bench(*dvc_args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "bench/repro_time.py"), "--json", str(out), *dvc_args],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+    failed = bench("no_such_stage")
+    assert failed.returncode != 0 and not out.exists(), "a failed run's times are not written"
+
+    # Up to normalize, to keep the test short: the stages that lead there run, the trainings do not.
+    done = bench("normalize")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Running stage 'train_resnet'" in done.stdout  # DVC's output passes through
+    assert "Running stage 'normalize'" in done.stdout and "wrote data/normalized" in done.stdout  # passed through
     results = json.loads(out.read_text())
-    # --force: every stage runs, up to date or not, in the pipeline's order.
-    assert list(results["stages_s"]) == ["dvc", "check", "download", "normalize", "train_baseline",
-                                         "train_resnet", "evaluate"]
+    # --force: every stage up to the target runs, although all are up to date, in the pipeline's order.
+    assert list(results["stages_s"]) == ["dvc", "check", "download", "normalize"]
     assert all(s > 0 for s in results["stages_s"].values())
     assert sum(results["stages_s"].values()) == pytest.approx(results["total_s"])
-    assert results["returncode"] == 0 and results["data_md5"] == yaml.safe_load(
-        (repo / "params.yaml").read_text())["data"]["md5"]
-
-
-def test_repro_time_writes_nothing_when_dvc_fails(tmp_path, built_project):
-    repo = copy_project(built_project, tmp_path)
-    out = tmp_path / "repro_time.json"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench/repro_time.py"), "--json", str(out), "no_such_stage"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and not out.exists()
+    md5 = yaml.safe_load((repo / "params.yaml").read_text())["data"]["md5"]
+    assert results["returncode"] == 0 and results["data_md5"] == md5
