@@ -95,11 +95,8 @@ def selection_note(history: pd.DataFrame, selected: int, rule: str, train_acc_ma
     return f"The rule `{rule}` keeps epoch {selected}: the best validation accuracy it admits."
 
 
-def pipeline_time_section(path: Path = REPRO_TIME) -> list[str]:
-    """The whole `dvc repro --force` timed stage by stage by bench/repro_time.py, if it has been run."""
-    if not path.exists():
-        return []
-    timed = json.loads(path.read_text())
+def pipeline_time_section(timed: dict) -> list[str]:
+    """The whole `dvc repro --force` timed stage by stage by bench/repro_time.py (docs/bench/repro_time.json)."""
     total = timed["total_s"]
     lines = [
         f"`bench/repro_time.py`: one `dvc repro --force` from download to report at commit "
@@ -416,8 +413,9 @@ def write() -> Path:
                        float(recipe.get("select_train_acc_max", goals["train_acc_max"]))),
         "",
     ]
-    if timing := pipeline_time_section():
-        lines += ["## The whole pipeline's time", "", *timing, ""]
+    timed = json.loads(REPRO_TIME.read_text()) if REPRO_TIME.exists() else None
+    if timed:
+        lines += ["## The whole pipeline's time", "", *pipeline_time_section(timed), ""]
     if seeds is not None:
         lines += ["## Seeds", "", "`python -m pipeline seeds` (`metrics/seeds.json`); the standard deviation is "
                   "the sample one.", "", *seeds_table(seeds), ""]
@@ -442,7 +440,6 @@ def write() -> Path:
     lines += ["## The ResNet recipe of this run (from dvc.lock)", "", *params_block(lock), ""]
     RESULTS.write_text("\n".join(lines))
     if README.exists() and README_START in README.read_text():
-        timed = json.loads(REPRO_TIME.read_text()) if REPRO_TIME.exists() else None
         update_readme(readme_summary(evaluated, trained, seeds, data_params["data.md5"], timed))
     return RESULTS
 

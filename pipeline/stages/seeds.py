@@ -56,8 +56,12 @@ def recorded_seeds(config: Config) -> dict[int, dict]:
     if not isinstance(recorded, dict) or recorded.get("recipe") != recipe_without_seed(config.train.resnet):
         return {}
     rows = recorded.get("seeds")
-    return {row["seed"]: row for row in rows if isinstance(row, dict) and isinstance(row.get("seed"), int)
-            and all(isinstance(row.get(k), (int, float)) for k in FIGURES)} if isinstance(rows, list) else {}
+    if not isinstance(rows, list):
+        return {}
+    # A row is reused only if it is whole: a seed number and a number for every figure.
+    whole = [row for row in rows if isinstance(row, dict) and isinstance(row.get("seed"), int)
+             and all(isinstance(row.get(k), (int, float)) for k in FIGURES)]
+    return {row["seed"]: row for row in whole}
 
 
 def train_seed(config: Config, progress: bool) -> dict:
