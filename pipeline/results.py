@@ -72,8 +72,9 @@ def targets(evaluated: dict) -> list[str]:
     return [f"- {'holds' if held else '**missed**'}: {names.get(key, key)}" for key, held in evaluated["targets"].items()]
 
 
-def epochs_table(history: pd.DataFrame, selected: int) -> list[str]:
-    lines = ["| epoch | running train acc | clean train acc (10,000-image subset) | val acc | val loss | lr | s |",
+def epochs_table(history: pd.DataFrame, selected: int, subset_size: int) -> list[str]:
+    subset = f"{subset_size:,}-image subset" if subset_size else "whole train split"
+    lines = [f"| epoch | running train acc | clean train acc ({subset}) | val acc | val loss | lr | s |",
              "|---|---|---|---|---|---|---|"]
     for row in history.itertuples():
         mark = " (kept)" if row.epoch == selected else ""
@@ -407,7 +408,8 @@ def write() -> Path:
         "",
         f"## The ResNet, epoch by epoch (scored: {scored}; rule `{trained['resnet']['select']}`)",
         "",
-        *epochs_table(histories["resnet"], trained["resnet"]["selected_epoch"]),
+        *epochs_table(histories["resnet"], trained["resnet"]["selected_epoch"],
+                      int(lock["stages"]["train_resnet"]["params"]["params.yaml"]["train.eval_train_size"])),
         "",
         selection_note(histories["resnet"], trained["resnet"]["selected_epoch"], trained["resnet"]["select"],
                        float(recipe.get("select_train_acc_max", goals["train_acc_max"]))),
