@@ -144,3 +144,12 @@ def test_the_pipeline_time_is_shown_stage_by_stage_against_the_goal():
     assert "`a70f633`" in text and "Some CPU" in text and "25.2 min in all" in text and "within the 45" in text
     assert "| `train_resnet` | 1,500 | 25.0 |" in text and "| all | 1,512 | 25.2 |" in text
     assert "**over** the 45" in "\n".join(results.pipeline_time_section({**timed, "total_s": 46 * 60.0}))
+
+
+def test_the_epoch_table_names_the_clean_subset_that_was_scored():
+    history = pd.DataFrame({"epoch": [1, 2], "train_acc": [0.8, 0.9], "train_eval_acc": [0.85, 0.95],
+                            "val_acc": [0.8, 0.86], "val_loss": [0.6, 0.5], "lr": [0.1, 0.05],
+                            "epoch_time_s": [100.0, 101.0]})
+    assert "clean train acc (5,000-image subset)" in results.epochs_table(history, 2, 5000)[0]
+    assert "clean train acc (whole train split)" in results.epochs_table(history, 2, 0)[0]
+    assert results.epochs_table(history, 2, 5000)[-1].startswith("| 2 (kept) | 90.00% | 95.00% | 86.00% |")
