@@ -56,8 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
                         help="a named configuration merged over the params, e.g. configs/problem_recipe.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="N",
-                        help="for seeds: the seeds to train (default: 0 1 2); the params' own seed comes from "
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], metavar="N",
+                        help="for seeds: the seeds to train (default: 0 1 2 3); the params' own seed comes from "
                         "the pipeline's run when its outputs match, the others from metrics/seeds.json when it "
                         "holds them for the same recipe")
     parser.add_argument("--retrain", action="store_true",
