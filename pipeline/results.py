@@ -371,7 +371,8 @@ def write() -> Path:
     histories = {name: pd.read_csv(paths.history_file(name)) for name in paths.MODEL_NAMES}
     lock = yaml.safe_load(Path("dvc.lock").read_text())
     data_params = lock["stages"]["download"]["params"]["params.yaml"]
-    recipe = lock["stages"]["train_resnet"]["params"]["params.yaml"]["train.resnet"]
+    resnet_params = lock["stages"]["train_resnet"]["params"]["params.yaml"]
+    recipe = resnet_params["train.resnet"]
     scored = scored_average(lambda key, default=None: str(recipe.get(key, default)))
     seeds_file = paths.METRICS / "seeds.json"
     seeds = seeds_of_committed_recipe(json.loads(seeds_file.read_text()) if seeds_file.exists() else None, lock)
@@ -409,7 +410,7 @@ def write() -> Path:
         f"## The ResNet, epoch by epoch (scored: {scored}; rule `{trained['resnet']['select']}`)",
         "",
         *epochs_table(histories["resnet"], trained["resnet"]["selected_epoch"],
-                      int(lock["stages"]["train_resnet"]["params"]["params.yaml"]["train.eval_train_size"])),
+                      int(resnet_params["train.eval_train_size"])),
         "",
         selection_note(histories["resnet"], trained["resnet"]["selected_epoch"], trained["resnet"]["select"],
                        float(recipe.get("select_train_acc_max", goals["train_acc_max"]))),
