@@ -178,7 +178,8 @@ class ResNet(nn.Module):
     (and odd) in stages whose feature maps are smaller than the block (CIFAR's 32x32 inputs).
     `stem` is "conv" (a 3x3 convolution to `width` channels with batch norm and ReLU) or "whiten"
     (PatchWhitening's 24 frozen 2x2 filters and ReLU, set from the data by `fit_to_data`).
-    `block` "resnet9" puts each block's last ReLU inside its branch (see BasicBlock); `conv_init` "dirac"
+    `block` "resnet9" puts each block's last ReLU inside its branch (see BasicBlock); `conv_init` "torch"
+    keeps PyTorch's own initialization of the convolutions instead of He et al.'s; "dirac"
     starts each 3x3 convolution's first filters as the identity (airbench); `ghost_batch_size` above 0 makes
     every batch norm a GhostBatchNorm2d.
     `downsample` chooses how a stage changes the resolution:
@@ -244,7 +245,7 @@ class ResNet(nn.Module):
         self.logit_scale = logit_scale
 
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, Projection)) and m.weight.requires_grad:
+            if isinstance(m, (nn.Conv2d, Projection)) and m.weight.requires_grad and conv_init != "torch":
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if conv_init == "dirac" and isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
                 # The first in_channels filters copy their input channel: an identity inside the random init.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from pipeline.models import build_model, fit_to_data
 
 CHECKPOINT_VERSION = 6  # 4: loaded with weights_only (plain data only); 5: the average is an AveragedModel; 6: EMA or SWA
 WHITENING_IMAGES = 5000  # training images whose patches set a whitening stem
+PROGRESS_LINE_EVERY_S = 30.0  # where no progress bar can be drawn (under DVC), a plain line this often
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -323,7 +325,11 @@ def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimize
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, lr = 0, optimizer.param_groups[0]["lr"]
-    with tqdm(total=len(epoch_batches), desc=desc, unit="batch", leave=False, disable=not show_progress) as bar:
+    # tqdm draws nothing when stderr is not a terminal (DVC runs stages that way): plain lines instead.
+    plain_lines = show_progress and not sys.stderr.isatty()
+    last_line = started
+    with tqdm(total=len(epoch_batches), desc=desc, unit="batch", leave=False,
+              disable=not show_progress or plain_lines) as bar:
         for step, index in enumerate(epoch_batches):
             images, labels = x[index], y[index]
             logits, loss = train_step(net, criterion, optimizer, images, labels, bf16)
@@ -338,6 +344,9 @@ def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimize
             bar.update()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+            if plain_lines and time.perf_counter() - last_line >= PROGRESS_LINE_EVERY_S:
+                last_line = time.perf_counter()
+                progress_line(desc, step + 1, len(epoch_batches), seen, last_line - started)
     seen = torch.tensor(seen, device=device)
     distributed.all_reduce_sum(loss_sum, correct, seen)
     seen = seen.item()
@@ -345,6 +354,11 @@ def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimize
         torch.cuda.synchronize()
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "lr": lr,
             "images_per_s": seen / (time.perf_counter() - started)}
+
+
+def progress_line(desc: str, done: int, total: int, images: int, seconds: float) -> None:
+    print(f"  {desc}: batch {done}/{total}, {images / seconds:.0f} img/s, "
+          f"about {(total - done) * seconds / done:.0f} s left in the epoch", file=sys.stderr, flush=True)
 
 
 def evaluate(scored: nn.Module, x_eval: Tensor, y_eval: Tensor, x_val: Tensor, y_val: Tensor,
@@ -426,7 +440,7 @@ def fit(
 
     steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
     optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
-    schedule = make_schedule(cfg, optimizer, cfg.epochs * steps_per_epoch)
+    schedule = make_schedule(cfg, optimizer, cfg.planned_epochs * steps_per_epoch)
     first_epoch = resume["epoch"] + 1 if resume else 1
     average = average_after(model, cfg, first_epoch - 1)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

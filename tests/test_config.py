@@ -101,8 +101,16 @@ def test_unknown_key_message_says_it_is_unknown():
 def test_epochs_over_30_fails_naming_key_and_limit():
     message = refused("train.resnet.epochs=31")
     assert "train.resnet.epochs" in message and "30" in message
-    assert load_with("train.resnet.epochs=30").train.resnet.epochs == 30
+    assert load_with("train.resnet.epochs=30", "train.resnet.schedule_epochs=30").train.resnet.epochs == 30
     assert "evaluate.targets.max_epochs" in refused("evaluate.targets.max_epochs=31")
+
+
+def test_a_schedule_planned_shorter_than_the_epochs_run_is_refused():
+    message = refused("train.resnet.epochs=10", "train.resnet.schedule_epochs=9")
+    assert "schedule_epochs 9" in message and "epochs 10" in message
+    planned = load_with("train.resnet.epochs=10", "train.resnet.schedule_epochs=40").train.resnet
+    assert planned.planned_epochs == 40, "a plan longer than MAX_EPOCHS is allowed: only the epochs run count"
+    assert load_with("train.resnet.epochs=7", "train.resnet.schedule_epochs=null").train.resnet.planned_epochs == 7
 
 
 @pytest.mark.parametrize("override, section, key", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,6 +267,19 @@ def test_kaiming_init_has_no_identity_filters():
     x = images(2, 3, 8)
     with torch.no_grad():
         assert not torch.allclose(stem(x)[:, :3], x, atol=1e-2)
+
+
+def test_torch_init_keeps_pytorch_s_smaller_conv_weights():
+    torch.manual_seed(0)
+    he = ResNet(16, [1, 0, 1], downsample="pool", block="resnet9")
+    torch.manual_seed(0)
+    default = ResNet(16, [1, 0, 1], downsample="pool", block="resnet9", conv_init="torch")
+    conv = default.stages[0][4].conv1  # a 3x3 conv in a residual block: 32 -> 32 channels
+    bound = 1 / math.sqrt(conv.in_channels * 9)
+    assert conv.weight.abs().max() <= bound, "PyTorch's kaiming-uniform bound, 1/sqrt(fan_in)"
+    he_std = he.stages[0][4].conv1.weight.std().item()
+    assert he_std == pytest.approx(math.sqrt(2 / (32 * 9)), rel=0.1)
+    assert conv.weight.std().item() < he_std / 2
 
 
 # --- stochastic depth and dropout -----------------------------------------------------------

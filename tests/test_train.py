@@ -119,6 +119,23 @@ def test_training_lowers_the_loss_and_learns_the_classes(tmp_path, model, epochs
     assert val_accuracy(result.model) == pytest.approx(result.history[-1]["val_acc"])
 
 
+def test_without_a_terminal_training_prints_plain_progress_lines(tmp_path, monkeypatch, capsys):
+    # pytest's captured stderr is not a terminal, as under DVC: tqdm would draw nothing there.
+    monkeypatch.setattr(train_module, "PROGRESS_LINE_EVERY_S", 0.0)
+    fit(train_config(epochs=1), settings(), TRAIN, VAL, Checkpoint(tmp_path / "checkpoint.pt", "fingerprint"),
+        progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "img/s" in line]
+    steps = len(batches(len(TRAIN.labels), 32, 0, 1))
+    assert len(lines) == steps, "one line per step when the interval is zero"
+    assert lines[-1].strip().startswith(f"epoch 1/1: batch {steps}/{steps},") and "about 0 s left" in lines[-1]
+
+
+def test_without_progress_nothing_is_printed_per_batch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_module, "PROGRESS_LINE_EVERY_S", 0.0)
+    run_fit(tmp_path, train_config(epochs=1))
+    assert "img/s, about" not in capsys.readouterr().err
+
+
 def test_history_has_one_full_record_per_epoch(tmp_path):
     result = run_fit(tmp_path, train_config(epochs=2), SMALL_TRAIN, SMALL_VAL)
     assert [r["epoch"] for r in result.history] == [1, 2]
@@ -238,6 +255,14 @@ def test_onecycle_lr_peaks_at_the_optimizer_lr():
     assert max(lrs) == pytest.approx(0.2)
     assert 25 <= first_argmax(lrs) <= 32, "the peak ends the warmup (30% of the steps)"
     assert lrs[0] == pytest.approx(0.2 / 25) and lrs[-1] < 1e-3 * 0.2
+
+
+def test_a_schedule_planned_longer_than_the_run_stops_part_way_down_its_curve(tmp_path):
+    planned = train_config(schedule="onecycle", optimizer={"name": "sgd", "lr": 0.2}, epochs=2, schedule_epochs=4)
+    whole = scheduled_rates(planned, 4 * 10)
+    result = run_fit(tmp_path, planned, train=learnable(320, 0))  # 10 batches of 32 per epoch
+    assert [r["lr"] for r in result.history] == pytest.approx([whole[9], whole[19]])
+    assert result.history[-1]["lr"] > 0.5 * 0.2, "stopped at half the plan, the rate is still high"
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
