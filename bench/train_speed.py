@@ -16,9 +16,9 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import config as config_module
+from pipeline.compute import training_flops_per_image
 from pipeline.models import build_model, count_parameters
 from pipeline.paths import MODEL_NAMES
 from pipeline.device import device_name, memory_format, select_device, uses_bf16
@@ -26,15 +26,8 @@ from pipeline.evaluate import cpu_model
 from pipeline.train import make_optimizer, train_step
 
 
-def training_flops_per_image(model_cfg) -> float:
-    model = build_model(model_cfg)
-    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    with FlopCounterMode(display=False) as counter:
-        nn.functional.cross_entropy(model(images), labels).backward()
-    return counter.get_total_flops() / 2
-
-
-def bench(train_cfg, device: torch.device, bf16: bool, compile: bool, steps: int, warmup: int) -> dict:
+def bench(train_cfg, device: torch.device, bf16: bool, compile: bool, steps: int, warmup: int,
+          val_size: int) -> dict:
     model = build_model(train_cfg.model).to(device, memory_format=memory_format(device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -57,7 +50,9 @@ def bench(train_cfg, device: torch.device, bf16: bool, compile: bool, steps: int
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     flops = training_flops_per_image(train_cfg.model)
+    train_images = 50_000 - val_size
     return {
+        "train_pflops_run": flops * train_images * train_cfg.epochs / 1e15,
         "batch_size": batch,
         "parameters": count_parameters(model),
         "ms_per_step": 1000 * elapsed / steps,
@@ -82,14 +77,14 @@ def main(argv: list[str]) -> int:
                "threads": torch.get_num_threads(),
                "precision": "bf16" if bf16 else "fp32", "compile": config.train.compile,
                "models": {name: bench(getattr(config.train, name), device, bf16, config.train.compile, args.steps,
-                                      args.warmup)
+                                      args.warmup, config.data.val_size)
                           for name in MODEL_NAMES}}
     print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, {results['precision']}"
           f"{', compiled' if results['compile'] else ''}")
     for name, r in results["models"].items():
         print(f"{name:9s} batch {r['batch_size']:4d}  {r['images_per_s']:9.0f} img/s  {r['ms_per_step']:8.1f} ms/step"
               f"  {r['train_gflops_per_image']:.3f} GFLOP/img (train)  {r['achieved_tflops']:.3f} TFLOP/s"
-              f"  {r['parameters']:,} params")
+              f"  {r['parameters']:,} params  {r['train_pflops_run'] * 1e15:.2e} FLOP over the epochs run")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

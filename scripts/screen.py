@@ -28,12 +28,13 @@ import pandas as pd
 import yaml
 
 from pipeline import config as config_module
+from pipeline.compute import training_flops
 from pipeline import paths
 from pipeline.stages import download, normalize, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from acceptance import backup_tracking_store  # noqa: E402  (scripts/ is this file's folder)
-from train_speed import training_flops_per_image  # noqa: E402
+
 
 EXPERIMENT = "cifar10-screening"
 SAFETY = 1.25  # a run starts only if this many times the longest run so far still fits the budget
@@ -47,7 +48,7 @@ def overrides_of(changes: dict) -> list[str]:
 def compute(cfg: config_module.Config) -> float:
     """Training FLOPs of the whole schedule (forward and backward, every epoch), in PFLOP."""
     recipe = cfg.train.resnet
-    return training_flops_per_image(recipe.model) * recipe.epochs * (50_000 - cfg.data.val_size) / 1e15
+    return training_flops(recipe, 50_000 - cfg.data.val_size) / 1e15
 
 
 def row(label: str, seed: int, base: dict, changes: dict, metrics: dict, seconds: float,
