@@ -47,9 +47,11 @@ def test_seeds_reuse_the_pipeline_run_and_train_the_others(project):
     # Seed 0 is the pipeline's own run: its figures are evaluate's, and nothing was retrained for it.
     for key in seeds.FIGURES:
         assert pipeline_row[key] == evaluated["resnet"][key]
-    assert not (paths.CHECKPOINTS / "resnet-seed0.pt").exists()
+    assert not list(paths.CHECKPOINTS.glob("resnet-seed0-*.pt"))
     # Seed 1 trained here, with its own checkpoint and MLflow run, scored on every split.
-    assert (paths.CHECKPOINTS / "resnet-seed1.pt").exists()
+    assert (paths.CHECKPOINTS / f"resnet-seed1-{seeds.precision_of(cfg)}.pt").exists()
+    assert pipeline_row["precision"] == trained_row["precision"] == seeds.precision_of(cfg)
+    assert trained_row["machine"] == seeds.machine()
     assert 0.0 <= trained_row["val_acc"] <= 1.0 and 0.0 <= trained_row["test_acc"] <= 1.0
     assert 1 <= trained_row["selected_epoch"] <= cfg.train.resnet.epochs and trained_row["train_time_s"] > 0
     runs = MlflowClient().search_runs(
@@ -68,7 +70,7 @@ def test_the_params_seed_trains_when_the_pipeline_outputs_are_of_other_params(pr
     normalize.run(cfg)
     # No models/resnet at all: the params' own seed cannot come from the pipeline and trains here.
     summary = seeds.run(cfg, [0], progress=False)
-    assert (paths.CHECKPOINTS / "resnet-seed0.pt").exists()
+    assert (paths.CHECKPOINTS / f"resnet-seed0-{seeds.precision_of(cfg)}.pt").exists()
     assert summary["seeds"][0]["seed"] == 0 and summary["std"]["val_acc"] == 0.0
 
 
@@ -76,7 +78,8 @@ def test_seeds_that_seeds_json_holds_for_this_recipe_are_not_trained_again(proje
     cfg = config.load()
     download.run(cfg)
     normalize.run(cfg)
-    held = {"seed": 1, "val_acc": 0.123456, "test_acc": 0.5, "train_running_acc": 0.4, "train_acc": 0.6,
+    precision = seeds.precision_of(cfg)
+    held = {"seed": 1, "precision": precision, "machine": "elsewhere", "val_acc": 0.123456, "test_acc": 0.5, "train_running_acc": 0.4, "train_acc": 0.6,
             "selected_epoch": 1, "train_time_s": 9.0}
 
     def record(recipe: dict) -> None:
@@ -86,15 +89,38 @@ def test_seeds_that_seeds_json_holds_for_this_recipe_are_not_trained_again(proje
     record(results.recipe_without_seed(cfg.train.resnet))
     summary = seeds.run(cfg, [1, 2], progress=False)
     assert summary["seeds"][0] == held, "seed 1 is taken from seeds.json as it is"
-    assert not (paths.CHECKPOINTS / "resnet-seed1.pt").exists()
-    assert (paths.CHECKPOINTS / "resnet-seed2.pt").exists(), "seed 2 is not in seeds.json: it trains"
+    assert not (paths.CHECKPOINTS / f"resnet-seed1-{precision}.pt").exists()
+    assert (paths.CHECKPOINTS / f"resnet-seed2-{precision}.pt").exists(), "seed 2 is not in seeds.json: it trains"
     assert json.loads(seeds.SEEDS_FILE.read_text())["seeds"][0] == held
 
     # Held for another recipe, the seed trains.
     record({**results.recipe_without_seed(cfg.train.resnet), "epochs": cfg.train.resnet.epochs + 1})
     assert seeds.run(cfg, [1], progress=False)["seeds"][0]["val_acc"] != held["val_acc"]
-    assert (paths.CHECKPOINTS / "resnet-seed1.pt").exists()
+    assert (paths.CHECKPOINTS / f"resnet-seed1-{precision}.pt").exists()
 
     # --retrain trains it although seeds.json holds it for this recipe.
     record(results.recipe_without_seed(cfg.train.resnet))
     assert seeds.run(cfg, [1], progress=False, retrain=True)["seeds"][0]["val_acc"] != held["val_acc"]
+
+
+def test_fp32_rows_join_the_bf16_rows_and_the_mean_stays_over_the_pipeline_precision(project):
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    bf16_rows = [{"seed": s, "precision": "bf16", "machine": "a CPU", "val_acc": v, "test_acc": 0.5,
+                  "train_running_acc": 0.4, "train_acc": 0.6, "selected_epoch": 1, "train_time_s": 9.0}
+                 for s, v in [(0, 0.70), (1, 0.80)]]
+    seeds.SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    seeds.SEEDS_FILE.write_text(json.dumps({"recipe": results.recipe_without_seed(cfg.train.resnet),
+                                            **seeds.aggregate(bf16_rows, "bf16")}))
+    (paths.METRICS / "evaluate.json").write_text(json.dumps({"machine": {"precision": "bf16"}}))
+
+    fp32 = config.load(overrides=["train.precision=fp32"])
+    summary = seeds.run(fp32, [1], progress=False)
+
+    assert [(r["seed"], r["precision"]) for r in summary["seeds"]] == [(0, "bf16"), (1, "bf16"), (1, "fp32")]
+    assert summary["seeds"][:2] == bf16_rows, "the bf16 rows are kept as they were"
+    assert (paths.CHECKPOINTS / "resnet-seed1-fp32.pt").exists(), "seed 1 trained again, in fp32"
+    assert summary["aggregated_precision"] == "bf16"
+    assert summary["mean"]["val_acc"] == pytest.approx(0.75), "the mean is of the bf16 rows only"
+    assert json.loads(seeds.SEEDS_FILE.read_text()) == summary

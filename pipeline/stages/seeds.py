@@ -3,9 +3,12 @@
 The seed that params.yaml names is the `dvc repro` run: its figures come from metrics/evaluate.json
 when models/resnet was trained with these params, so only the other seeds train here. Each of them is
 one MLflow run (tag `seed`) in the params' experiment, checkpoints every epoch to
-checkpoints/resnet-seed<N>.pt and resumes from there when rerun, and is scored as `evaluate` scores:
+checkpoints/resnet-seed<N>-<precision>.pt and resumes from there when rerun, and is scored as `evaluate` scores:
 every split in eval mode. A seed that metrics/seeds.json already holds for the same recipe is taken from
 there, not trained again (unless `retrain`). Test accuracy is reported, never used to choose anything.
+
+A row is one (seed, precision): `-S train.precision=fp32` adds fp32 rows beside the bf16 ones, which stay.
+The mean and std are over the rows of the pipeline run's own precision (metrics/evaluate.json).
 """
 
 from __future__ import annotations
@@ -18,13 +21,26 @@ import mlflow
 from pipeline import config as config_module
 from pipeline import data, evaluate, models, paths, tracking
 from pipeline.config import Config
+from pipeline.device import device_name, select_device, uses_bf16
 from pipeline.errors import ModelFileError
 from pipeline.results import recipe_without_seed
 from pipeline.stages.train import fingerprint
 from pipeline.train import Checkpoint, fit
 
 FIGURES = ("val_acc", "test_acc", "train_running_acc", "train_acc", "selected_epoch", "train_time_s")
+LABELS = ("seed", "precision", "machine")  # what a row is of: seeds.json holds one row per (seed, precision)
 SEEDS_FILE = paths.METRICS / "seeds.json"
+
+
+def precision_of(config: Config) -> str:
+    """What `train.precision` resolves to on this machine: "bf16" or "fp32"."""
+    return "bf16" if uses_bf16(config.train.precision, select_device(config.train.device)) else "fp32"
+
+
+def machine() -> str:
+    """The processor (or GPU) the rows trained on: a time is a figure of its machine."""
+    device = select_device("auto")
+    return device_name(device) if device.type != "cpu" else evaluate.cpu_model()
 
 
 def with_seed(config: Config, seed: int) -> Config:
@@ -43,12 +59,24 @@ def from_pipeline_run(config: Config) -> dict | None:
         return None
     if saved.get("fingerprint") != fingerprint(config, "resnet"):
         return None
-    resnet = json.loads(evaluated.read_text())["resnet"]
-    return {"seed": config.train.resnet.seed, **{k: resnet[k] for k in FIGURES}}
+    evaluated = json.loads(evaluated.read_text())
+    ran_on = evaluated.get("machine", {})
+    return {"seed": config.train.resnet.seed, "precision": ran_on.get("precision", precision_of(config)),
+            "machine": ran_on.get("cpu") if ran_on.get("device") == "cpu" else ran_on.get("device"),
+            **{k: evaluated["resnet"][k] for k in FIGURES}}
 
 
-def recorded_seeds(config: Config) -> dict[int, dict]:
-    """The rows of metrics/seeds.json by seed, if that file is of this recipe; else none."""
+def pipeline_precision(config: Config) -> str:
+    """The precision of the `dvc repro` run (metrics/evaluate.json), which the mean and std are of."""
+    try:
+        return json.loads((paths.METRICS / "evaluate.json").read_text())["machine"]["precision"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return precision_of(config)
+
+
+def recorded_seeds(config: Config) -> dict[tuple[int, str], dict]:
+    """The rows of metrics/seeds.json by (seed, precision), if that file is of this recipe; else none. A row
+    without a precision is from before rows had one: bf16, the precision every such run used."""
     try:
         recorded = json.loads(SEEDS_FILE.read_text())
     except (OSError, ValueError):  # absent or not JSON: nothing to reuse
@@ -59,9 +87,10 @@ def recorded_seeds(config: Config) -> dict[int, dict]:
     if not isinstance(rows, list):
         return {}
     # A row is reused only if it is whole: a seed number and a number for every figure.
-    whole = [row for row in rows if isinstance(row, dict) and isinstance(row.get("seed"), int)
+    whole = [{"precision": "bf16", "machine": None, **row} for row in rows
+             if isinstance(row, dict) and isinstance(row.get("seed"), int)
              and all(isinstance(row.get(k), (int, float)) for k in FIGURES)]
-    return {row["seed"]: row for row in whole}
+    return {(row["seed"], row["precision"]): row for row in whole}
 
 
 def train_seed(config: Config, progress: bool) -> dict:
@@ -69,7 +98,8 @@ def train_seed(config: Config, progress: bool) -> dict:
     seed, cfg = config.train.resnet.seed, config.train.resnet
     splits = {name: data.load_split(paths.NORMALIZED, name) for name in data.SPLITS}
     key = fingerprint(config, "resnet")
-    checkpoint = Checkpoint(paths.CHECKPOINTS / f"resnet-seed{seed}.pt", key)
+    precision = precision_of(config)
+    checkpoint = Checkpoint(paths.CHECKPOINTS / f"resnet-seed{seed}-{precision}.pt", key)
     resume = checkpoint.load()
     log = tracking.StageLog("resnet")
     with tracking.stage_run(config, "seeds", run_name=f"resnet seed {seed}",
@@ -86,6 +116,8 @@ def train_seed(config: Config, progress: bool) -> dict:
         chosen = next(r for r in result.history if r["epoch"] == result.selected_epoch)
         row = {
             "seed": seed,
+            "precision": result.precision,
+            "machine": machine(),
             "val_acc": scored["val_acc"],
             "test_acc": scored["test_acc"],
             "train_running_acc": chosen["train_acc"],
@@ -103,42 +135,59 @@ def train_seed(config: Config, progress: bool) -> dict:
     return row
 
 
-def aggregate(rows: list[dict]) -> dict:
-    """Mean and sample standard deviation of each figure over the seeds."""
-    spread = (lambda values: statistics.stdev(values)) if len(rows) > 1 else (lambda values: 0.0)
+def aggregate(rows: list[dict], precision: str | None = None) -> dict:
+    """Every row, and the mean and sample standard deviation of each figure over the rows of `precision`
+    (None: all of them)."""
+    counted = [r for r in rows if precision is None or r.get("precision") == precision]
+    spread = (lambda values: statistics.stdev(values)) if len(counted) > 1 else (lambda values: 0.0)
     return {
         "seeds": rows,
-        "mean": {k: statistics.fmean(r[k] for r in rows) for k in FIGURES},
-        "std": {k: spread([r[k] for r in rows]) for k in FIGURES},
+        "aggregated_precision": precision,
+        "mean": {k: statistics.fmean(r[k] for r in counted) for k in FIGURES} if counted else {},
+        "std": {k: spread([r[k] for r in counted]) for k in FIGURES} if counted else {},
     }
 
 
+def write(config: Config, rows: dict[tuple[int, str], dict]) -> dict:
+    """metrics/seeds.json from the rows so far (bf16 first, then by seed), replaced atomically."""
+    ordered = [rows[key] for key in sorted(rows, key=lambda key: (key[1] != "bf16", key))]
+    # With the recipe they share: results.py shows only the seeds of the committed one.
+    summary = {"recipe": recipe_without_seed(config.train.resnet), **aggregate(ordered, pipeline_precision(config))}
+    SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = SEEDS_FILE.with_name(SEEDS_FILE.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(SEEDS_FILE)
+    return summary
+
+
 def run(config: Config, seeds: list[int], progress: bool = True, retrain: bool = False) -> dict:
+    """Every seed in turn; the file is rewritten after each, so a run cut short keeps the seeds it finished."""
     tracking.require_tracking("seeds")
-    recorded = {} if retrain else recorded_seeds(config)
-    rows = []
+    held = recorded_seeds(config)  # kept in the file whatever is retrained: no row is lost
+    recorded = {} if retrain else held
+    precision = precision_of(config)
+    rows: dict[tuple[int, str], dict] = dict(held)
+    summary = {}
     for seed in seeds:
         seeded = with_seed(config, seed)
         row = from_pipeline_run(seeded) if seed == config.train.resnet.seed else None
         if row is not None:
             print(f"seed {seed}: from the pipeline's own run (metrics/evaluate.json)")
-        elif seed in recorded:
-            row = {k: recorded[seed][k] for k in ("seed", *FIGURES)}
-            print(f"seed {seed}: from {SEEDS_FILE}, trained earlier with this recipe (--retrain trains it again)")
+        elif (seed, precision) in recorded:
+            row = {k: recorded[seed, precision][k] for k in (*LABELS, *FIGURES)}
+            print(f"seed {seed} ({precision}): from {SEEDS_FILE}, trained earlier with this recipe "
+                  "(--retrain trains it again)")
         else:
-            print(f"seed {seed}: training the ResNet of params.yaml with train.resnet.seed={seed}", flush=True)
+            print(f"seed {seed}: training the ResNet of params.yaml with train.resnet.seed={seed} in {precision}",
+                  flush=True)
             row = train_seed(seeded, progress)
-        rows.append(row)
+        rows[row["seed"], row["precision"]] = row
+        summary = write(config, rows)
         print(f"seed {seed}: val acc {row['val_acc']:.4f}, test acc {row['test_acc']:.4f}, running train acc "
               f"{row['train_running_acc']:.4f}, clean train acc {row['train_acc']:.4f}, epoch {row['selected_epoch']}",
               flush=True)
-    # With the recipe they share: results.py shows only the seeds of the committed one.
-    summary = {"recipe": recipe_without_seed(config.train.resnet), **aggregate(rows)}
-    SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = SEEDS_FILE.with_name(SEEDS_FILE.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(SEEDS_FILE)
     mean, std = summary["mean"], summary["std"]
     print(f"wrote {SEEDS_FILE}: val acc {mean['val_acc']:.4f} ± {std['val_acc']:.4f}, running train acc "
-          f"{mean['train_running_acc']:.4f} ± {std['train_running_acc']:.4f} over seeds {seeds}")
+          f"{mean['train_running_acc']:.4f} ± {std['train_running_acc']:.4f} over the "
+          f"{summary['aggregated_precision']} rows")
     return summary
