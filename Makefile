@@ -2,6 +2,7 @@
 # make test:  install into .venv (with test tools) and run the tests.
 # make quick: every stage on the real data with one epoch per model, minutes on a CPU (ARGS: more -S).
 # make plots: `dvc plots show` as a page that works offline.
+# make ui:    mlflow ui on the project's store; prints the link to the training runs.
 VENV ?= .venv
 PYTHON ?= $(shell command -v python3)  # resolved before the venv goes first on PATH
 BIN := $(abspath $(VENV))/bin
@@ -9,7 +10,7 @@ BIN := $(abspath $(VENV))/bin
 # shell where it is not activated.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro quick test test-fast seeds results plots install bench clean
+.PHONY: repro quick test test-fast seeds results plots install bench clean ui
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +38,13 @@ test-fast: install
 	$(BIN)/python -m pytest -n auto --dist loadfile --ignore=tests/test_dvc_pipeline.py --ignore=tests/test_dvc_remote.py \
 		--ignore=tests/test_tracking_server.py --ignore=tests/test_mlproject.py --ignore=tests/test_distributed.py
 
-# Seeds 1, 2 and 3 of the ResNet beside the pipeline's seed 0 -> metrics/seeds.json; then the results document.
+# Seeds 1 to 4 of the ResNet beside the pipeline's seed 0 -> metrics/seeds.json; then the results document.
 seeds: install
-	$(BIN)/python -m pipeline seeds --seeds 0 1 2 3
+	$(BIN)/python -m pipeline seeds --seeds 0 1 2 3 4
+
+# mlflow ui on the project's store, with the link to the training runs (MLflow's model-training view).
+ui: install
+	$(BIN)/python -m pipeline ui
 
 results: install
 	$(BIN)/python -m pipeline.results

@@ -32,6 +32,7 @@ STAGES = {
     "repro": "the DVC pipeline with these overrides (dvc exp run -S ...), or with a model its training stage "
              "and what it needs: what `mlflow run .` calls",
     "seeds": "train the ResNet of params.yaml with each of --seeds; write their mean and std to metrics/seeds.json",
+    "ui": "start `mlflow ui` on the project's tracking store and print the link to the experiment's training runs",
 }
 
 MODEL_STAGES = ("train", "log-run")  # the stages that need a model name
@@ -56,13 +57,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
                         help="a named configuration merged over the params, e.g. configs/problem_recipe.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], metavar="N",
-                        help="for seeds: the seeds to train (default: 0 1 2 3); the params' own seed comes from "
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="N",
+                        help="for seeds: the seeds to train (default: 0 1 2 3 4); the params' own seed comes from "
                         "the pipeline's run when its outputs match, the others from metrics/seeds.json when it "
                         "holds them for the same recipe")
     parser.add_argument("--retrain", action="store_true",
                         help="for seeds: train every seed but the pipeline's own, even those metrics/seeds.json holds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    parser.add_argument("--port", type=int, default=5000, help="for ui: the port on 127.0.0.1 (default: 5000)")
     parser.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)  # set by `all` for torchrun children
     args = parser.parse_args(argv)
     if args.stage in MODEL_STAGES and args.model is None:
@@ -209,6 +211,32 @@ def all_stages(config, args: argparse.Namespace, overrides: list[str], progress:
     return 0
 
 
+def ui_link(experiment: str, port: int) -> str:
+    """The runs table of the experiment in MLflow's model-training view.
+
+    MLflow 3's UI opens experiments in its GenAI view unless told otherwise (a switch kept in the browser);
+    `workflowType=machine_learning` in the link asks for the model-training view whatever the switch says.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    tracking.use_project_store()
+    found = MlflowClient().get_experiment_by_name(experiment)
+    page = f"experiments/{found.experiment_id}/runs" if found is not None else "experiments"
+    return f"http://127.0.0.1:{port}/#/{page}?workflowType=machine_learning"
+
+
+def mlflow_ui(config, port: int) -> int:
+    import mlflow
+
+    link = ui_link(config.train.experiment, port)
+    print(f"MLflow: {link}\n(elsewhere in the UI, pick 'Model training' rather than 'GenAI' at the top left; "
+          "Ctrl-C stops it)", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", mlflow.get_tracking_uri(),
+                            "--host", "127.0.0.1", "--port", str(port)])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -237,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "seeds":
             check.preflight(config)
             seeds.run(config, args.seeds, progress=progress, retrain=args.retrain)
+        elif args.stage == "ui":
+            return mlflow_ui(config, args.port)
         elif args.stage == "repro":
             if args.overlay or args.params != "params.yaml":
                 raise PipelineError("repro runs DVC, which reads params.yaml only: give changes as -S key=value")

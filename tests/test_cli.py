@@ -5,13 +5,16 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline import paths
@@ -103,3 +106,32 @@ def test_repro_refuses_what_dvc_cannot_read(tmp_path, archive_url, tiny_archive)
     result = run_cli("repro", "--overlay", "overlay.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert "repro runs DVC, which reads params.yaml only: give changes as -S key=value" in result.stderr
+
+
+def test_ui_serves_the_project_store_and_links_to_its_training_runs(tmp_path, archive_url, tiny_archive):
+    write_params(tmp_path, tiny_params(archive_url, tiny_archive[1]))
+    experiment = yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["experiment"]
+    experiment_id = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment(experiment)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    ui = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        link = ui.stdout.readline().strip()
+        assert link == (f"MLflow: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+                        "?workflowType=machine_learning")
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get"
+                                            f"?experiment_id={experiment_id}", timeout=5) as reply:
+                    assert yaml.safe_load(reply.read())["experiment"]["name"] == experiment, "the project's store"
+                break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
+                time.sleep(1)
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
