@@ -34,6 +34,8 @@ def test_bench_reports_speed_and_flops_for_both_models(tmp_path):
         assert abs(r["achieved_tflops"] - r["train_gflops_per_image"] * r["images_per_s"] / 1000) < 1e-9 + 1e-6 * r[
             "achieved_tflops"]
         assert name in done.stdout
+        epochs = yaml.safe_load((ROOT / "params.yaml").read_text())["train"][name]["epochs"]
+        assert r["train_pflops_run"] * 1e15 == pytest.approx(r["train_gflops_per_image"] * 1e9 * 45_000 * epochs)
     # The baseline's first convolution alone: 3x3x3 multiply-adds per output, 4 channels, 32x32 outputs,
     # counted twice (multiply and add) in the forward pass: the count is at least that.
     assert results["models"]["baseline"]["train_gflops_per_image"] * 1e9 > 2 * 27 * 4 * 32 * 32

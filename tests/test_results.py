@@ -141,9 +141,9 @@ def test_the_pipeline_time_is_shown_stage_by_stage_against_the_goal():
              "native_bf16": True, "stages_s": {"dvc": 2.0, "download": 10.0, "train_resnet": 1500.0},
              "total_s": 1512.0}
     text = "\n".join(results.pipeline_time_section(timed))
-    assert "`a70f633`" in text and "Some CPU" in text and "25.2 min in all" in text and "within the 45" in text
+    assert "`a70f633`" in text and "Some CPU" in text and "25.2 min in all" in text and "within the 30" in text
     assert "| `train_resnet` | 1,500 | 25.0 |" in text and "| all | 1,512 | 25.2 |" in text
-    assert "**over** the 45" in "\n".join(results.pipeline_time_section({**timed, "total_s": 46 * 60.0}))
+    assert "**over** the 30" in "\n".join(results.pipeline_time_section({**timed, "total_s": 31 * 60.0}))
 
 
 def test_the_epoch_table_names_the_clean_subset_that_was_scored():
@@ -153,3 +153,34 @@ def test_the_epoch_table_names_the_clean_subset_that_was_scored():
     assert "clean train acc (5,000-image subset)" in results.epochs_table(history, 2, 5000)[0]
     assert "clean train acc (whole train split)" in results.epochs_table(history, 2, 0)[0]
     assert results.epochs_table(history, 2, 5000)[-1].startswith("| 2 (kept) | 90.00% | 95.00% | 86.00% |")
+
+
+def seed_row(seed: int, precision: str, val: float, running: float, epoch: int = 10) -> dict:
+    return {"seed": seed, "precision": precision, "machine": "a CPU", "val_acc": val, "test_acc": 0.85,
+            "train_running_acc": running, "train_acc": 0.95, "selected_epoch": epoch, "train_time_s": 600.0}
+
+
+def test_the_margin_names_the_weakest_seed_against_each_bound_over_the_aggregated_precision():
+    seeds = {"aggregated_precision": "bf16", "seeds": [
+        seed_row(0, "bf16", 0.8612, 0.9101), seed_row(1, "bf16", 0.8560, 0.9150),
+        seed_row(0, "fp32", 0.8300, 0.9500)]}  # the fp32 row is not among the aggregated ones
+    sentence = results.margin_sentence(seeds, {"val_acc_min": 0.85, "train_acc_max": 0.92}, 5000)
+    assert "at epoch 10, the weakest of seeds 0, 1 (bf16) scores 85.60% validation accuracy" in sentence
+    seeds["seeds"][1]["selected_epoch"] = 11
+    assert "at the epochs they keep (10, 11), the weakest" in results.margin_sentence(
+        seeds, {"val_acc_min": 0.85, "train_acc_max": 0.92}, 5000)
+    assert "30 images of 5,000 above the 85% line" in sentence
+    assert "91.50%, 0.50 points under 92%" in sentence
+
+
+def test_the_seeds_table_shows_each_row_s_precision_and_machine_and_the_mean_of_the_aggregated_rows():
+    seeds = {"aggregated_precision": "bf16",
+             "seeds": [seed_row(0, "bf16", 0.86, 0.91), seed_row(1, "bf16", 0.87, 0.90), seed_row(0, "fp32", 0.5, 0.5)],
+             "mean": {"val_acc": 0.865, "test_acc": 0.85, "train_running_acc": 0.905, "train_acc": 0.95,
+                      "selected_epoch": 10, "train_time_s": 600.0},
+             "std": {"val_acc": 0.007, "test_acc": 0.0, "train_running_acc": 0.007, "train_acc": 0.0,
+                     "selected_epoch": 0.0, "train_time_s": 0.0}}
+    lines = results.seeds_table(seeds)
+    assert lines[4].startswith("| 0 | fp32 | 50.00% |") and lines[4].endswith("| a CPU |")
+    assert lines[-1].startswith("| mean ± std (2 seeds) | bf16 | 86.50% ± 0.70 |")
+    assert [row["seed"] for row in results.aggregated_seeds(seeds)] == [0, 1]
