@@ -3,6 +3,7 @@
 # make quick: every stage on the real data with one epoch per model, minutes on a CPU (ARGS: more -S).
 # make plots: `dvc plots show` as a page that works offline.
 # make ui:    mlflow ui on the project's store; prints the link to the training runs.
+# make exps:  dvc exp show cut to the headline (under 200 columns): targets, ResNet figures, its main params.
 VENV ?= .venv
 PYTHON ?= $(shell command -v python3)  # resolved before the venv goes first on PATH
 BIN := $(abspath $(VENV))/bin
@@ -10,7 +11,7 @@ BIN := $(abspath $(VENV))/bin
 # shell where it is not activated.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro quick test test-fast seeds results plots install bench clean ui
+.PHONY: repro quick test test-fast seeds results plots install bench clean ui exps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,11 @@ test-fast: install
 # Seeds 1 to 4 of the ResNet beside the pipeline's seed 0 -> metrics/seeds.json; then the results document.
 seeds: install
 	$(BIN)/python -m pipeline seeds --seeds 0 1 2 3 4
+
+# The headline columns of `dvc exp show` only: its full table has about 185 columns.
+EXPS_KEEP := Experiment|all_targets_hold|^resnet\.(val_acc|train_running_acc|selected_epoch)$$|^train\.resnet\.(epochs|model\.width|optimizer\.lr)$$
+exps: install
+	$(BIN)/dvc exp show --md --drop '.*' --keep '$(EXPS_KEEP)'
 
 # mlflow ui on the project's store, with the link to the training runs (MLflow's model-training view).
 ui: install
