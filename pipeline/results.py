@@ -134,7 +134,8 @@ def seeds_table(seeds: dict) -> list[str]:
                      f"{row['selected_epoch']} | {row['train_time_s']:,.0f} s | {row.get('machine') or '?'} |")
     mean, std = seeds["mean"], seeds["std"]
     lines.append(f"| mean ± std ({len(aggregated_seeds(seeds))} seeds) | "
-                 f"{seeds.get('aggregated_precision') or 'all'} | {pct(mean['val_acc'])} ± {std['val_acc'] * 100:.2f} | "
+                 f"{seeds.get('aggregated_precision') or 'all'} | "
+                 f"{pct(mean['val_acc'])} ± {std['val_acc'] * 100:.2f} | "
                  f"{pct(mean['test_acc'])} ± {std['test_acc'] * 100:.2f} | "
                  f"{pct(mean['train_running_acc'])} ± {std['train_running_acc'] * 100:.2f} | "
                  f"{pct(mean['train_acc'])} ± {std['train_acc'] * 100:.2f} | {mean['selected_epoch']:.1f} | "
@@ -460,9 +461,10 @@ def write() -> Path:
         flops = training_flops(recipe_of_seeds, TRAIN_IMAGES - lock_val_size(lock))
         mantissa, exponent = f"{flops:.2e}".split("e")
         lines += ["## Seeds", "", f"`python -m pipeline seeds` (`metrics/seeds.json`): every row is the recipe "
-                  f"below, {mantissa}e{int(exponent)} training FLOPs (`bench/train_speed.py`'s count per image x training "
-                  "images x epochs run), scored at the epoch it keeps. The mean and the sample standard deviation "
-                  f"are over the {seeds.get('aggregated_precision') or 'listed'} rows.", "", *seeds_table(seeds), ""]
+                  f"below, {mantissa}e{int(exponent)} training FLOPs (`bench/train_speed.py`'s count per image x "
+                  "training images x epochs run), scored at the epoch it keeps. The mean and the sample standard "
+                  f"deviation are over the {seeds.get('aggregated_precision') or 'listed'} rows.", "",
+                  *seeds_table(seeds), ""]
     elif seeds_file.exists():
         lines += ["## Seeds", "", "`metrics/seeds.json` holds the seeds of another ResNet recipe than this run's; "
                   "the seeds of this one are not measured yet (`make seeds`).", ""]
