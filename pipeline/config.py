@@ -51,6 +51,7 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     url: str
     md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    max_download_mb: Annotated[int, Field(strict=True, ge=1)] = 512  # the official archive is 163 MiB
     val_size: Annotated[int, Field(strict=True, ge=10)]
     seed: Annotated[int, Field(strict=True)]
 

@@ -1,24 +1,35 @@
 """CIFAR-10: fetch and verify the official archive, split and normalize it, load the splits.
 
-Downloads and checksums are torchvision's utilities. An archive is untrusted even when its md5
-matches data.md5 (a user sets data.md5 for any mirror), so extraction and reading are this module's
-own: only regular files with the official member names are extracted, the batches are unpickled
-with an allow-list of the few numpy types they contain, and their content is validated as soon as
-it is read. (torchvision.datasets.CIFAR10 would also check each batch against hard-coded md5 sums,
-which a faithful mirror with re-encoded pixels fails.)
+Everything read from outside is untrusted and bounded, even an archive whose md5 matches data.md5
+(a user sets data.md5 for any mirror):
+- the transfer: a size cap (data.max_download_mb), an overall deadline and a stall detector, the md5
+  computed while streaming, a few redirects at most;
+- the extraction: only the official members, each once, as plain files, each under a size cap read
+  from its header before any byte is written;
+- the unpickling: an allow-list of the few numpy types the batches hold, arrays rebuilt only as numpy
+  pickles them, and values checked by type and length before anything walks or prints them.
+(torchvision.datasets.CIFAR10 would also check each batch against hard-coded md5 sums, which a
+faithful mirror with re-encoded pixels fails.)
 """
 
 from __future__ import annotations
 
 import codecs
+import gzip
+import hashlib
+import http.client
+import io
 import json
 import os
 import pickle
+import pickletools
 import shutil
 import socket
 import tarfile
 import tempfile
+import time
 import urllib.error
+import urllib.request
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +40,7 @@ from urllib.request import url2pathname
 
 import numpy as np
 from sklearn.model_selection import train_test_split
-from torchvision.datasets.utils import calculate_md5, check_integrity, download_url
+from tqdm import tqdm
 
 from pipeline.errors import DataError
 
@@ -40,7 +51,14 @@ TEST_BATCH = "test_batch"
 META = "batches.meta"
 README = "readme.html"  # in the official archive beside the batches
 SPLITS = ("train", "val", "test")
-DOWNLOAD_TIMEOUT_S = 60
+DOWNLOAD_TIMEOUT_S = 60  # the longest wait for a connection or for any byte
+DOWNLOAD_DEADLINE_S = 3600  # the whole transfer; beyond it, fetching by hand is the better way
+STALL_WINDOW_S = 60  # a transfer that moves less than STALL_MIN_BYTES in this long has stalled
+STALL_MIN_BYTES = 64 * 1024
+MAX_REDIRECTS = 5
+# Caps on each extracted member, from its tar header: the official files are 31 MB (a batch of
+# 10,000 images; 45 MB when re-pickled by Python 3), 158 bytes (batches.meta) and 88 bytes (readme.html).
+MEMBER_CAP_BYTES = {"batch": 64 * 2**20, META: 2**20, README: 2**20}
 NUM_CLASSES = 10
 IMAGE_VALUES = 3 * 32 * 32
 FULL_COUNTS = {"train": 50_000, "test": 10_000}  # the official release
@@ -79,26 +97,28 @@ def _local_path(location: str) -> Path | None:
     return path
 
 
-def download(url: str, md5: str, out_dir: Path) -> Path:
+def download(url: str, md5: str, out_dir: Path, max_bytes: int = 512 * 2**20) -> Path:
     """Fetch the archive into out_dir, verify its md5 and extract it there.
 
     Nothing is written to out_dir until the archive is verified and extracted: the work happens
     in a temporary folder beside it, moved into place at the end. A verified archive already in
-    place is not fetched again.
+    place is not fetched again. An archive over `max_bytes` is refused as soon as that shows.
     """
     out_dir = Path(out_dir)
     archive = out_dir / ARCHIVE_NAME
-    if check_integrity(str(archive), md5) and not _missing_batches(out_dir / BATCH_DIR):
+    if archive.is_file() and _md5_of_file(archive) == md5 and not _missing_batches(out_dir / BATCH_DIR):
         print(f"{archive} is in place and its md5 matches {md5}: nothing to download")
         return archive
     local = _local_path(url)
     with replacing_dir(out_dir) as staging:
         staged = staging / ARCHIVE_NAME
         if local is not None:
+            if local.stat().st_size > max_bytes:
+                raise DataError(_too_large(url, max_bytes))
             shutil.copyfile(local, staged)
+            actual = _md5_of_file(staged)
         else:
-            _fetch(url, staged)
-        actual = calculate_md5(str(staged))
+            actual = _fetch(url, staged, max_bytes)
         if actual != md5:
             raise DataError(
                 f"md5 mismatch for {url}: expected {md5} (data.md5), got {actual} "
@@ -111,25 +131,99 @@ def download(url: str, md5: str, out_dir: Path) -> Path:
     return archive
 
 
-def _fetch(source: str, dest: Path) -> None:
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision opens URLs without a timeout
+def _md5_of_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _too_large(url: str, max_bytes: int) -> str:
+    return (f"{url} is larger than {max_bytes / 2**20:,.0f} MiB (data.max_download_mb), and the official "
+            "archive is 163 MiB: it is not CIFAR-10's python version. Nothing was kept. If you trust it, raise "
+            "data.max_download_mb.")
+
+
+class _FewRedirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = MAX_REDIRECTS
+    max_repeats = 1  # a URL seen twice is a loop
+
+
+def _fetch(url: str, dest: Path, max_bytes: int) -> str:
+    """Stream url into dest and return its md5. Bounded: at most max_bytes, DOWNLOAD_DEADLINE_S in
+    all, and at least STALL_MIN_BYTES every STALL_WINDOW_S; every transport failure is a DataError."""
+    advice = (f"If this machine is offline or the server misbehaves, download {ARCHIVE_NAME} yourself and set "
+              "data.url to its local path (dvc exp run -S data.url=/path/to/archive), with data.md5 if it is "
+              "not the official archive. Nothing was kept.")
+    opener = urllib.request.build_opener(_FewRedirects)
+    request = urllib.request.Request(url, headers={"User-Agent": "cifar10-resnet-pipeline"})
+    digest, received, started = hashlib.md5(), 0, time.monotonic()
+    window_start, window_bytes = started, 0
     try:
-        download_url(source, str(dest.parent), dest.name)
+        with opener.open(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as out:
+            declared = response.headers.get("Content-Length", "")
+            total = int(declared) if declared.isdigit() else None
+            if total is not None and total > max_bytes:
+                raise DataError(_too_large(url, max_bytes))
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {ARCHIVE_NAME}") as bar:
+                while chunk := response.read1(1 << 20):  # read1: returns what arrived, so the clock is checked
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise DataError(_too_large(url, max_bytes))
+                    digest.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
+                    now = time.monotonic()
+                    window_bytes += len(chunk)
+                    if now - window_start >= STALL_WINDOW_S:
+                        if window_bytes < STALL_MIN_BYTES:
+                            raise DataError(f"downloading {url} stalled: {window_bytes:,} bytes in the last "
+                                            f"{now - window_start:.0f} s. {advice}")
+                        window_start, window_bytes = now, 0
+                    if now - started > DOWNLOAD_DEADLINE_S:
+                        raise DataError(f"downloading {url} took more than {DOWNLOAD_DEADLINE_S / 60:g} minutes "
+                                        f"({received:,} bytes so far). {advice}")
+            if total is not None and received != total:
+                raise DataError(f"downloading {url} ended after {received:,} of {total:,} bytes. {advice}")
     except urllib.error.HTTPError as exc:
-        raise DataError(
-            f"downloading {source} failed: HTTP {exc.code} {exc.reason}. Check data.url, or download "
-            f"{ARCHIVE_NAME} yourself and set data.url to its local path."
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DataError(
-            f"could not reach {source}: {reason}. If this machine is offline, copy {ARCHIVE_NAME} here "
-            "and set data.url to its path (dvc exp run -S data.url=/path/to/archive), with data.md5 "
-            "if it is not the official archive."
-        ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
+        if 300 <= exc.code < 400:
+            raise DataError(f"downloading {url} failed: more than {MAX_REDIRECTS} redirects, or a redirect loop "
+                            f"(HTTP {exc.code}). Check data.url. {advice}") from None
+        raise DataError(f"downloading {url} failed: HTTP {exc.code} {_short(exc.reason)}. Check data.url. "
+                        f"{advice}") from None
+    except urllib.error.URLError as exc:
+        raise DataError(f"could not reach {url}: {_short(exc.reason)}. {advice}") from None
+    except (http.client.HTTPException, OSError, ValueError) as exc:
+        kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
+        raise DataError(f"downloading {url} {kind}: the server's reply is not a valid HTTP transfer "
+                        f"({type(exc).__name__}: {_short(exc)}). {advice}") from None
+    return digest.hexdigest()
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """str(value) cut to `limit` characters; only for exceptions and strings, whose str is bounded."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_TOTAL_CAP_BYTES = 6 * MEMBER_CAP_BYTES["batch"] + MEMBER_CAP_BYTES[META] + MEMBER_CAP_BYTES[README] + 2**20
+
+
+class _CappedReader:
+    """A file-like view of `source` that refuses to read more than `limit` bytes in all."""
+
+    def __init__(self, source, limit: int, url: str) -> None:
+        self.source, self.limit, self.url, self.read_so_far = source, limit, url, 0
+
+    def read(self, size: int = -1) -> bytes:
+        wanted = self.limit + 1 - self.read_so_far if size is None or size < 0 else size
+        chunk = self.source.read(min(wanted, self.limit + 1 - self.read_so_far))
+        self.read_so_far += len(chunk)
+        if self.read_so_far > self.limit:
+            raise DataError(f"the archive from {self.url} unpacks to more than {self.limit:,} bytes; the official "
+                            "one unpacks to about 186 MB. It is not CIFAR-10's python version. Nothing was kept.")
+        return chunk
 
 
 def _expected_members() -> set[str]:
@@ -142,13 +236,17 @@ def _extract(archive: Path, dest: Path, url: str) -> None:
     No tarfile extraction is used: each member's bytes are copied to a path built from the expected
     names, so a link, an absolute path or a `..` in the archive cannot write outside dest.
     """
-    wanted = _expected_members()
+    wanted, seen = _expected_members(), set()
     (dest / BATCH_DIR).mkdir()
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        # A stream through a reader that refuses more than the members' caps allow in all: tarfile
+        # itself reads some headers (long names, pax records) whole into memory.
+        with gzip.open(archive) as unzipped, \
+                tarfile.open(fileobj=_CappedReader(unzipped, _TOTAL_CAP_BYTES, url), mode="r|") as tar:
             for member in tar:
                 name = member.name.removeprefix("./").rstrip("/")
-                if member.isdir() and name == BATCH_DIR:
+                if member.isdir() and name == BATCH_DIR and name not in seen:
+                    seen.add(name)
                     continue
                 if name not in wanted or not member.isfile():
                     kind = "a link" if (member.issym() or member.islnk()) else \
@@ -156,16 +254,27 @@ def _extract(archive: Path, dest: Path, url: str) -> None:
                     official = ", ".join(sorted(n.split("/")[1] for n in wanted))
                     raise DataError(
                         f"the archive from {url} is not CIFAR-10's python version: it holds {kind} "
-                        f"'{member.name}', and the official archive holds only the regular files {BATCH_DIR}/"
-                        f"{{{official}}}. Refused before extracting it; nothing was kept. Use the official "
-                        "archive or a faithful copy of it."
+                        f"'{_short(member.name)}', and the official archive holds only the regular files "
+                        f"{BATCH_DIR}/{{{official}}}. Refused before extracting it; nothing was kept. Use the "
+                        "official archive or a faithful copy of it."
+                    )
+                if name in seen:
+                    raise DataError(f"the archive from {url} holds '{name}' twice: which copy is meant is not "
+                                    "known. The official archive holds each file once. Nothing was kept.")
+                seen.add(name)
+                cap = MEMBER_CAP_BYTES.get(name.split("/")[1], MEMBER_CAP_BYTES["batch"])
+                if member.size > cap:
+                    raise DataError(
+                        f"the archive from {url} is not CIFAR-10's python version: '{name}' is "
+                        f"{member.size:,} bytes, more than the {cap:,} allowed for it (the official one is far "
+                        "smaller). Refused before extracting it; nothing was kept."
                     )
                 source = tar.extractfile(member)
                 with open(dest / name, "wb") as out:
-                    shutil.copyfileobj(source, out)
+                    shutil.copyfileobj(source, out)  # member.size bytes exactly: the size just checked
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(
-            f"the archive from {url} matches data.md5 but cannot be extracted ({exc}): it is corrupt. "
+            f"the archive from {url} matches data.md5 but cannot be extracted ({_short(exc)}): it is corrupt. "
             "Download it again from a good source and update data.md5. Nothing was kept."
         ) from None
     missing = _missing_batches(dest / BATCH_DIR)
@@ -193,31 +302,90 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own function that rebuilds a pickled array
 
 
+def _reconstruct(subtype, shape, dtype_code):
+    """numpy's _reconstruct, only as numpy's pickles call it: an empty ndarray that the pickle's state
+    then fills (checked against the bytes it carries). Any other shape would allocate from a few bytes."""
+    if subtype is not np.ndarray or tuple(shape) != (0,) or dtype_code != b"b":
+        raise pickle.UnpicklingError("refused: an array rebuilt otherwise than numpy pickles one")
+    return _RECONSTRUCT(subtype, shape, dtype_code)
+
+
+def _plain_dtype(spec, align=False, copy=False) -> np.dtype:
+    """np.dtype for the plain numeric types only: an object dtype would let the pickle build Python objects."""
+    if not isinstance(spec, str) or len(spec) > 4:
+        raise pickle.UnpicklingError("refused: a dtype that is not a plain numeric type")
+    dtype = np.dtype(spec)
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"refused: dtype {dtype.str}, not a plain numeric type")
+    return dtype
+
+
 class BatchUnpickler(pickle.Unpickler):
     """Unpickles the official batch files and nothing else: only the globals that numpy arrays and
-    Python 3's pickled bytes name are resolved; any other (os.system, builtins.eval, ...) is refused."""
+    Python 3's pickled bytes name are resolved, each narrowed to what those pickles do with it; any
+    other (os.system, builtins.eval, ...) is refused. What it builds is bounded by the file's size."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # numpy 1's name
-        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # numpy 2's name
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # numpy 1's name
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2's name
         ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): _plain_dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return self.ALLOWED[module, name]
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays, "
-                                     "lists, strings and numbers")
+        raise pickle.UnpicklingError(f"refused to load {_short(module, 80)}.{_short(name, 80)}: a CIFAR-10 batch "
+                                     "holds only arrays, lists, strings and numbers")
+
+
+# Opcodes that push exactly one new immutable leaf (a string, a number, a global), which a memo may
+# share freely; a shared list, tuple or dict is what turns a few bytes into an exponential value.
+_LEAF_OPS = {"GLOBAL", "STACK_GLOBAL", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING",
+             "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "INT", "BININT", "BININT1",
+             "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE"}
+
+
+def _refuse_shared_containers(payload: bytes) -> None:
+    """Refuse a pickle that refers to one container twice (a memo lookup of anything but a leaf, or DUP).
+
+    The pickles of the official batches share only strings and globals, so everything they build is a
+    tree no larger than the file: walking, hashing or printing it takes time in proportion.
+    """
+    leaf_memo: dict[int, bool] = {}
+    previous = None
+    for opcode, arg, _ in pickletools.genops(payload):
+        name = opcode.name
+        if name == "DUP":
+            raise pickle.UnpicklingError("refused: a shared reference (DUP)")
+        if name in {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}:
+            leaf_memo[len(leaf_memo) if name == "MEMOIZE" else int(arg)] = previous in _LEAF_OPS
+        elif name in {"GET", "BINGET", "LONG_BINGET"} and not leaf_memo.get(int(arg), False):
+            raise pickle.UnpicklingError("refused: a second reference to one list, tuple or dict")
+        if name != "FRAME":
+            previous = name
+
+
+def _describe(value: object) -> str:
+    """What a value is, in a few words, without walking it (an unpickled value may share references
+    level by level, so that its repr would be exponentially long)."""
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, str):
+        return f"the string {_short(repr(value), 60)}"
+    return f"a {type(value).__name__}"
 
 
 def _unpickle(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            loaded = BatchUnpickler(f, encoding="latin1").load()  # the official files are Python 2 pickles
+        payload = path.read_bytes()  # at most MEMBER_CAP_BYTES: extraction refused larger files
+        _refuse_shared_containers(payload)
+        loaded = BatchUnpickler(io.BytesIO(payload), encoding="latin1").load()  # the official files are Python 2 pickles
     except Exception as exc:
-        raise DataError(f"{path} is not a CIFAR-10 batch: it does not unpickle as plain data ({exc}). "
+        raise DataError(f"{path} is not a CIFAR-10 batch: it does not unpickle as plain data ({_short(exc)}). "
                         "The archive is not CIFAR-10's python version; use the official one.") from None
     if not isinstance(loaded, dict):
         raise DataError(f"{path} is not a CIFAR-10 batch: it holds a {type(loaded).__name__}, not a mapping")
@@ -229,31 +397,34 @@ def _batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle(path)
     for key in ("data", "labels"):
         if key not in batch:
-            raise DataError(f"{path} is not a CIFAR-10 batch: it has no '{key}' (keys: {sorted(map(str, batch))})")
+            keys = sorted(_short(repr(k), 40) for k in list(batch)[:20] if isinstance(k, str))
+            raise DataError(f"{path} is not a CIFAR-10 batch: it has no '{key}' (its text keys: {keys})")
     images = batch["data"]
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 \
             or images.shape[1] != IMAGE_VALUES:
-        shown = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) \
-            else type(images).__name__
-        raise DataError(f"{path}: 'data' must be a uint8 array of N x {IMAGE_VALUES} (32x32 RGB images), got {shown}")
-    try:
-        labels = np.asarray(batch["labels"])
-    except Exception:
-        labels = np.asarray([])
-    if labels.ndim != 1 or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)):
-        raise DataError(f"{path}: 'labels' must be a list of integers")
+        raise DataError(f"{path}: 'data' must be a uint8 array of N x {IMAGE_VALUES} (32x32 RGB images), "
+                        f"got {_describe(images)}")
+    labels = batch["labels"]
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+        labels = labels.tolist()
+    # Checked item by item before anything walks it deeper: a list of lists that share references,
+    # a few kilobytes in the file, expands exponentially in numpy or in a repr.
+    if not isinstance(labels, list) or not all(type(v) is int for v in labels):
+        raise DataError(f"{path}: 'labels' must be a list of integers, got {_describe(labels)}")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(labels)} labels for {len(images)} images; each image needs one label")
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        bad = labels[(labels < 0) | (labels >= NUM_CLASSES)][0]
-        raise DataError(f"{path}: label {int(bad)} is not a CIFAR-10 class (labels are 0 to {NUM_CLASSES - 1})")
+    bad = next((v for v in labels if not 0 <= v < NUM_CLASSES), None)
+    if bad is not None:
+        shown = bad if abs(bad) < 10**9 else f"of {bad.bit_length()} bits"
+        raise DataError(f"{path}: label {shown} is not a CIFAR-10 class (labels are 0 to {NUM_CLASSES - 1})")
+    labels = np.asarray(labels, dtype=np.int64)
     return images, labels.astype(np.int64)
 
 
 def _class_names(path: Path) -> list[str]:
     names = _unpickle(path).get("label_names")
     if not isinstance(names, list) or len(names) != NUM_CLASSES or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{path}: 'label_names' must be the {NUM_CLASSES} class names, got {names!r:.200}")
+        raise DataError(f"{path}: 'label_names' must be the {NUM_CLASSES} class names, got {_describe(names)}")
     return names
 
 

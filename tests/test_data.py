@@ -12,12 +12,14 @@ import http.server
 import io
 import json
 import os
+import re
 import pickle
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -492,6 +494,9 @@ BAD_CONTENT = {
     "no_labels": ("data_batch_5", lambda x, y: pickle.dumps({"data": x}, protocol=2), "has no 'labels'"),
     "nine_classes": ("batches.meta", lambda x, y: pickle.dumps({"label_names": CLASSES[:9]}, protocol=2),
                      "the 10 class names"),
+    "nested_labels": ("data_batch_1", lambda x, y: _batch(x, [[v] for v in y]),
+                      "'labels' must be a list of integers, got a list of 40 items"),
+    "huge_label": ("data_batch_2", lambda x, y: _batch(x, [10**5000] + y[1:]), "label of 16610 bits"),
     "unequal_batches": ("data_batch_1", lambda x, y: _batch(x[:-2].copy(), y[:-2]), "of equal size"),
 }
 
@@ -527,3 +532,239 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next(tmp_path, 
     data.download(str(tiny_archive[0]), tiny_archive[1], tmp_path / "data" / "raw")
     assert leftovers(tmp_path / "data") == []
     assert (tmp_path / "data" / "raw" / BATCH_DIR / "data_batch_1").is_file()
+
+
+# --- hostile input costs bounded memory, disk and time, and ends in a clear error ---------------
+
+class _Hostile(http.server.BaseHTTPRequestHandler):
+    """Misbehaving servers, one per path."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _head(self, length: int | None = None, chunked: bool = False) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/gzip")
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        try:
+            self._serve()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up, as it should
+
+    def _serve(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/forever":  # zeros at full speed, no length, never ends
+            self._head()
+            while True:
+                self.wfile.write(bytes(1 << 16))
+        elif path == "/declared-huge":  # says 10 GB, sends nothing
+            self._head(10 * 2**30)
+            self.wfile.flush()
+            time.sleep(5)
+        elif path == "/drip":  # one byte at a time, slowly, never ending
+            self._head(2**20)
+            while True:
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.2)
+        elif path == "/steady":  # fast enough never to stall, never ending
+            self._head()
+            while True:
+                self.wfile.write(bytes(1 << 14))
+                self.wfile.flush()
+                time.sleep(0.05)
+        elif path == "/not-http":
+            self.wfile.write(b"hello, this is not HTTP\r\n\r\n")
+        elif path == "/broken-chunked":
+            self._head(chunked=True)
+            self.wfile.write(b"10\r\nonly five\r\n")  # 16 bytes announced, fewer sent, then the end
+        elif path == "/short":  # fewer bytes than announced
+            self._head(1000)
+            self.wfile.write(bytes(10))
+        elif path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path.startswith("/chain"):  # /chain/N redirects N times, then 404
+            hops = int(path.rsplit("/", 1)[1])
+            self.send_response(302 if hops else 404)
+            self.send_header("Location", f"/chain/{hops - 1}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _download_refused(url: str, tmp_path: Path, phrase: str, max_bytes: int = 2**20, within_s: float = 30) -> str:
+    started = time.monotonic()
+    with pytest.raises(DataError, match=phrase) as info:
+        data.download(url, OTHER_MD5, tmp_path / "data" / "raw", max_bytes)
+    assert time.monotonic() - started < within_s
+    assert_nothing_kept(tmp_path / "data")
+    assert url in str(info.value) and "Nothing was kept" in str(info.value)
+    return str(info.value)
+
+
+def test_an_endless_download_is_refused_at_the_size_cap(tmp_path, hostile):
+    message = _download_refused(f"{hostile}/forever", tmp_path, "larger than 1 MiB")
+    assert "data.max_download_mb" in message
+
+
+def test_a_declared_size_over_the_cap_is_refused_before_any_byte(tmp_path, hostile):
+    _download_refused(f"{hostile}/declared-huge", tmp_path, "larger than 1 MiB", within_s=3)
+
+
+def test_a_stalled_download_is_refused_by_the_stall_detector(tmp_path, hostile, monkeypatch):
+    monkeypatch.setattr(data, "STALL_WINDOW_S", 1.0)
+    _download_refused(f"{hostile}/drip", tmp_path, "stalled: .* bytes in the last", within_s=10)
+
+
+def test_a_slow_but_steady_download_is_refused_at_the_deadline(tmp_path, hostile, monkeypatch):
+    monkeypatch.setattr(data, "DOWNLOAD_DEADLINE_S", 2)
+    monkeypatch.setattr(data, "STALL_WINDOW_S", 0.5)
+    _download_refused(f"{hostile}/steady", tmp_path, "took more than", max_bytes=2**30, within_s=10)
+
+
+@pytest.mark.parametrize("path, phrase", [
+    ("/not-http", "not a valid HTTP transfer"),
+    ("/broken-chunked", "not a valid HTTP transfer"),
+    ("/short", "ended after 10 of 1,000 bytes|not a valid HTTP transfer"),
+    ("/loop", "redirect loop"),
+    ("/chain/9", "more than 5 redirects"),
+])
+def test_a_broken_transfer_is_a_clear_error(tmp_path, hostile, path, phrase):
+    _download_refused(f"{hostile}{path}", tmp_path, phrase)
+
+
+def test_a_few_redirects_are_followed(tmp_path, hostile):
+    _download_refused(f"{hostile}/chain/3", tmp_path, "HTTP 404")  # followed to the end of the chain
+
+
+def test_cli_a_transport_failure_exits_2_without_a_traceback(tmp_path, hostile):
+    write_params(tmp_path, tiny_params(f"{hostile}/not-http", OTHER_MD5))
+    done = run_cli("download", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "not a valid HTTP transfer" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_the_size_cap_is_a_param(tmp_path, archive_url, tiny_archive):
+    write_params(tmp_path, tiny_params(archive_url, tiny_archive[1], data={"max_download_mb": 1}))
+    assert run_cli("download", cwd=tmp_path).returncode == 0  # the tiny archive is far under 1 MiB
+    big = tmp_path / "big.tar.gz"
+    big.write_bytes(os.urandom(2 * 2**20))
+    write_params(tmp_path, tiny_params(str(big), OTHER_MD5, data={"max_download_mb": 1}))
+    done = run_cli("download", cwd=tmp_path)
+    assert done.returncode == 2 and "larger than 1 MiB (data.max_download_mb)" in done.stderr
+
+
+def test_a_member_over_its_size_cap_is_refused_before_it_is_written(tmp_path, tiny_archive):
+    batches = _official_batches(tiny_archive)
+    url, md5 = _archive(tmp_path / "mirror", [(f"{BATCH_DIR}/readme.html", bytes(2 * 2**20))], batches)
+    with pytest.raises(DataError, match="readme.html' is 2,097,152 bytes, more than the 1,048,576 allowed"):
+        data.download(url, md5, tmp_path / "data" / "raw")
+    assert_nothing_kept(tmp_path / "data")
+
+
+def test_a_member_twice_is_refused(tmp_path, tiny_archive):
+    batches = _official_batches(tiny_archive)
+    url, md5 = _archive(tmp_path / "mirror", [(f"{BATCH_DIR}/data_batch_1", batches["data_batch_2"])], batches)
+    with pytest.raises(DataError, match="holds 'cifar-10-batches-py/data_batch_1' twice"):
+        data.download(url, md5, tmp_path / "data" / "raw")
+    assert_nothing_kept(tmp_path / "data")
+
+
+def test_an_archive_that_unpacks_past_the_total_cap_is_refused(tmp_path, tiny_archive, monkeypatch):
+    """tarfile reads a long-name header whole: the reader under it refuses past the total."""
+    monkeypatch.setattr(data, "_TOTAL_CAP_BYTES", 2**20)
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    path = folder / ARCHIVE_NAME
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as tar:
+        _member(tar, f"{BATCH_DIR}/" + "x" * (2 * 2**20), b"long name")
+    with pytest.raises(DataError, match="unpacks to more than 1,048,576 bytes"):
+        data.download(path.as_uri(), md5_of(path), tmp_path / "data" / "raw")
+    assert_nothing_kept(tmp_path / "data")
+
+
+def _shared_lists(levels: int) -> list:
+    """A list whose two items are the same list, `levels` deep: a few bytes pickled, 2**levels leaves."""
+    value: list = [0]
+    for _ in range(levels):
+        value = [value, value]
+    return value
+
+
+def _shared_tuples(levels: int) -> tuple:
+    """As _shared_lists, with tuples: hashable, and hashing one walks every leaf."""
+    value: tuple = (0,)
+    for _ in range(levels):
+        value = (value, value)
+    return value
+
+
+def _dict_keyed_by(key: tuple) -> bytes:
+    """The pickle of {key: 1}, written opcode by opcode: building that dict here would hash the key."""
+    body = pickle.dumps(key, protocol=2)[2:-1]  # without PROTO and STOP
+    return b"\x80\x02}" + body + b"K\x01s."  # EMPTY_DICT, the key, BININT1 1, SETITEM, STOP
+
+
+BOMBS = {
+    "labels": ("data_batch_1", lambda x, y: _batch(x, _shared_lists(40)), "a second reference"),
+    "class_names": ("batches.meta", lambda x, y: pickle.dumps({"label_names": _shared_lists(40)}, protocol=2),
+                    "a second reference"),
+    "keys": ("data_batch_2", lambda x, y: _dict_keyed_by(_shared_tuples(40)), "a second reference"),
+    "huge_array": ("data_batch_3", lambda x, y: _reduce_bytes("huge"), "refused: an array rebuilt otherwise"),
+    "object_array": ("data_batch_4", lambda x, y: _reduce_bytes("object"), "refused: .*not a plain numeric type"),
+}
+
+
+def _reduce_bytes(kind: str) -> bytes:
+    """A batch whose 'data' is rebuilt through numpy's own globals, as a hostile file could."""
+    rebuild = np.ndarray.__reduce__(np.zeros(0))[0]
+
+    class Huge:
+        def __reduce__(self):
+            return rebuild, (np.ndarray, (2**40,), b"b")
+
+    array = np.empty(3, dtype=object) if kind == "object" else Huge()
+    return pickle.dumps({"data": array, "labels": [0]}, protocol=2)
+
+
+@pytest.mark.parametrize("case", list(BOMBS))
+def test_a_small_hostile_pickle_costs_bounded_memory_and_is_refused(tmp_path, tiny_archive, case):
+    """In a subprocess whose address space is capped at 2 GiB: an unbounded expansion would be killed."""
+    name, make, phrase = BOMBS[case]
+    batches = _official_batches(tiny_archive)
+    good = pickle.loads(batches[name]) if name != "batches.meta" else {}
+    payload = make(good.get("data"), list(good.get("labels", [])))
+    assert len(pickle.dumps(_shared_lists(40), protocol=2)) < 1_000  # 2**40 leaves from a few hundred bytes
+    url, md5 = _archive(tmp_path / "mirror", [], {**batches, name: payload})
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))\n"
+            "from pipeline import data\n"
+            "try:\n"
+            f"    data.download({url!r}, {md5!r}, {str(tmp_path / 'data' / 'raw')!r})\n"
+            "except data.DataError as exc:\n"
+            "    print(exc); sys.exit(2)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert name in done.stdout and re.search(phrase, done.stdout), done.stdout
+    assert len(done.stdout) < 2000, "the message must not print the value"
+    assert_nothing_kept(tmp_path / "data")

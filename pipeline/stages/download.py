@@ -5,4 +5,4 @@ from pipeline.config import Config
 
 
 def run(config: Config) -> None:
-    data.download(config.data.url, config.data.md5, paths.RAW)
+    data.download(config.data.url, config.data.md5, paths.RAW, config.data.max_download_mb * 2**20)
