@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 MAX_EPOCHS = 30  # the experiment's rule: at most 30 training epochs
+CIFAR10_TRAIN_IMAGES = 50_000  # the official training batches; data.val_size of them are held out
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 # Integers are strict: YAML's true/false must not pass as 1/0 (epochs=true would mean one epoch).
@@ -262,6 +263,17 @@ class Config(Strict):
     data: DataConfig
     train: TrainSection
     evaluate: EvaluateConfig
+
+    @model_validator(mode="after")
+    def _batches_fit_the_training_split(self) -> "Config":
+        images = CIFAR10_TRAIN_IMAGES - self.data.val_size
+        for name in ("baseline", "resnet"):
+            batch = getattr(self.train, name).batch_size
+            if batch > images:
+                raise ValueError(f"train.{name}.batch_size {batch:,} is larger than the training split: CIFAR-10's "
+                                 f"{CIFAR10_TRAIN_IMAGES:,} training images less data.val_size {self.data.val_size:,} "
+                                 f"leave {images:,}. Choose a batch size of at most {images:,} (128 to 512 train well)")
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections (dotted paths), to match outputs to the params that made them.

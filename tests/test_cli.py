@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -135,3 +136,22 @@ def test_ui_serves_the_project_store_and_links_to_its_training_runs(tmp_path, ar
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or len(os.sched_getaffinity(0)) >= 64, reason="needs fewer devices")
+@pytest.mark.parametrize("overrides, phrase", [
+    (["train.nproc=64", "train.baseline.batch_size=64", "train.resnet.batch_size=64"],
+     f"train.nproc=64, but this machine has {len(os.sched_getaffinity(0))} CPU cores"),
+    (["train.resnet.batch_size=100000"], "train.resnet.batch_size 100,000 is larger than the training split"),
+    (["train.resnet.model.width=100000"], "parameters: about .* GiB for weights"),
+])
+@pytest.mark.parametrize("stage", [["check"], ["train", "resnet"]])
+def test_impossible_settings_stop_before_any_process_or_output(tmp_path, archive_url, tiny_archive, overrides,
+                                                                phrase, stage):
+    write_params(tmp_path, tiny_params(archive_url, tiny_archive[1]))
+    started = time.monotonic()
+    done = run_cli(*stage, *[f"--set={o}" for o in overrides], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert re.search(phrase, done.stderr) and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60, "refused at once, not after starting processes"
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
