@@ -300,13 +300,26 @@ def load(path, expected: BaselineModelConfig | ResNetModelConfig, stage: str) ->
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path} not found: train it first (dvc repro {stage})")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    unreadable = (f"{path} is not a model this pipeline saved ({{}}): it is corrupt or was replaced. Retrain it "
+                  f"(dvc repro {stage}) or restore the committed one (dvc checkout {path.parent})")
+    try:
+        # weights_only: plain tensors and values only; loading never runs code from the file.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(unreadable.format(f"it does not load as plain tensors and values: "
+                                               f"{type(exc).__name__}")) from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) \
+            or not isinstance(saved.get("state_dict"), dict):
+        raise ModelFileError(unreadable.format("no model config and weights in it"))
     wanted = expected.model_dump(mode="json")
     if _with_defaults(saved["config"], expected) != wanted:
         raise ModelFileError(
-            f"{path} was trained with model config {saved['config']}, but params.yaml now says {wanted}: "
+            f"{path} was trained with another model config than params.yaml now says ({wanted}): "
             f"retrain it (dvc repro {stage}) or restore the params it was trained with"
         )
     model = build_model(expected)
-    model.load_state_dict(saved["state_dict"])
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(unreadable.format(f"its weights do not fit the model: {type(exc).__name__}")) from None
     return model.eval(), saved

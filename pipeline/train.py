@@ -285,12 +285,11 @@ class Checkpoint:
             # one must never run code from the file, whoever wrote it.
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupt, or holding more than plain data: not worth failing for, retrain
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            print(f"ignoring checkpoint {path}: it does not load as plain tensors and values ({reason}); "
-                  "training from scratch")
+            self.set_aside(f"it does not load as plain tensors and values ({type(exc).__name__}); a file that "
+                           "needs more could run code when loaded, so it is not")
             return None
         if not isinstance(state, dict):
-            print(f"ignoring checkpoint {path}: not a checkpoint of this pipeline; training from scratch")
+            self.set_aside("it is not a checkpoint of this pipeline")
             return None
         if state.get("version") != CHECKPOINT_VERSION:
             print(f"checkpoint {path} is from another version of this code; training from scratch")
@@ -301,6 +300,12 @@ class Checkpoint:
         if state.get("complete"):
             return None
         return state
+
+    def set_aside(self, reason: str) -> None:
+        """Moves an unusable checkpoint out of the way (kept for a look, never loaded again)."""
+        rejected = self.path.with_name(self.path.name + ".rejected")
+        os.replace(self.path, rejected)
+        print(f"checkpoint {self.path} set aside as {rejected.name}: {reason}. Training from scratch.")
 
 
 @dataclass
@@ -447,7 +452,13 @@ def fit(
     selection = Selection(cfg.select, cfg.select_train_acc_max)
     history = []
     if resume is not None:
-        history = restore(resume, model, optimizer, schedule, average, selection)
+        try:
+            history = restore(resume, model, optimizer, schedule, average, selection)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            # Plain data with the right fingerprint whose tensors do not fit: the objects are half
+            # restored, so all of them are built afresh.
+            checkpoint.set_aside(f"its state does not fit this model ({type(exc).__name__})")
+            return fit(cfg, settings, train, val, checkpoint, on_epoch, resume=None, progress=progress)
         print(f"resuming from {checkpoint.path} after epoch {resume['epoch']} of {cfg.epochs}")
     scored = average.module if average is not None else model  # the weights evaluated and selected
 

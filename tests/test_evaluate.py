@@ -140,7 +140,42 @@ def test_a_missing_model_is_a_clear_error(trained):
 
 
 def test_a_model_trained_with_other_params_is_a_clear_error(trained):
-    with pytest.raises(ModelFileError, match=r"models/resnet/model.pt was trained with model config"):
+    with pytest.raises(ModelFileError, match=r"models/resnet/model.pt was trained with another model config"):
         evaluate.run(config.load(overrides=["train.resnet.model.width=8"]))
     with pytest.raises(ModelFileError, match=r"trained with other params .*train.resnet"):
         evaluate.run(config.load(overrides=["train.resnet.optimizer.lr=0.2"]))
+
+
+def _corrupt_weights(path) -> None:
+    saved = torch.load(path, weights_only=True)
+    saved["state_dict"] = {key: value.reshape(-1)[:1] for key, value in saved["state_dict"].items()}
+    torch.save(saved, path)
+
+
+CORRUPT = {
+    "model_garbage": (lambda: paths.model_file("resnet"), lambda p: p.write_bytes(b"\x00not a model" * 50),
+                      "does not load as plain tensors"),
+    "model_not_a_dict": (lambda: paths.model_file("resnet"), lambda p: torch.save([1, 2, 3], p),
+                         "no model config and weights"),
+    "model_weights_misfit": (lambda: paths.model_file("resnet"), _corrupt_weights, "weights do not fit the model"),
+    "metrics_garbage": (lambda: paths.metrics_file("resnet"), lambda p: p.write_text("{not json"),
+                        "not the JSON object"),
+    "tracking_a_list": (lambda: paths.model_tracking_file("resnet"), lambda p: p.write_text("[1, 2]"),
+                        "not the JSON object"),
+    "history_garbage": (lambda: paths.history_file("resnet"), lambda p: p.write_bytes(b"\xff\xfe\x00garbage"),
+                        "not the training's history"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_a_corrupt_training_output_is_a_clear_error_naming_the_file(trained, case):
+    where, corrupt, phrase = CORRUPT[case]
+    path = where()
+    saved = path.read_bytes()
+    try:
+        corrupt(path)
+        with pytest.raises(ModelFileError, match=phrase) as info:
+            evaluate.run(config.load())
+        assert str(path) in str(info.value) and "dvc repro train_resnet" in str(info.value)
+    finally:
+        path.write_bytes(saved)

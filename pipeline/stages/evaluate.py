@@ -31,9 +31,27 @@ def _trained(config: Config, name: str) -> tuple:
     for needed in (paths.metrics_file(name), paths.history_file(name), paths.model_tracking_file(name)):
         if not needed.exists():
             raise ModelFileError(f"{needed} not found: rerun the training stage (dvc repro train_{name})")
-    summary = json.loads(paths.metrics_file(name).read_text())
-    tracked = json.loads(paths.model_tracking_file(name).read_text())
-    return model, summary, pd.read_csv(paths.history_file(name)), tracked
+    summary, tracked = _record_of(paths.metrics_file(name), name), _record_of(paths.model_tracking_file(name), name)
+    try:
+        history = pd.read_csv(paths.history_file(name))
+        if "epoch" not in history.columns:
+            raise ValueError("no epoch column")
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{paths.history_file(name)} is not the training's history ({type(exc).__name__}): "
+                             f"rerun the training stage (dvc repro train_{name})") from None
+    return model, summary, history, tracked
+
+
+def _record_of(path, name: str) -> dict:
+    """A JSON object that the training stage wrote; a clear error if it is not one."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        record = exc
+    if not isinstance(record, dict):
+        raise ModelFileError(f"{path} is not the JSON object the training stage writes: it is corrupt or was "
+                             f"replaced. Rerun the training stage (dvc repro train_{name})")
+    return record
 
 
 def run(config: Config, parent_run_id: str | None = None) -> dict:
