@@ -1,6 +1,9 @@
 """Where each stage reads and writes, relative to the project root (DVC runs stages there)."""
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 RAW = Path("data/raw")
 NORMALIZED = Path("data/normalized")
@@ -32,3 +35,17 @@ def history_file(name: str) -> Path:
 
 def checkpoint_file(name: str) -> Path:
     return CHECKPOINTS / f"{name}.pt"
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; it replaces `path` only if the block succeeds, so a
+    failed or killed stage leaves the previous file as it was (DVC keeps outputs declared persist)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -152,28 +154,56 @@ def test_a_bad_param_stops_repro_in_the_check_stage_and_deletes_nothing(repo):
     sh(repo, "git", "checkout", "HEAD", "--", "params.yaml")
 
 
-def test_a_stage_that_fails_after_it_started_gets_its_outputs_back_from_git_and_dvc_checkout(repo):
-    # DVC deletes a stage's outputs before it runs the command, so a stage that fails part-way (an error, a
-    # Ctrl-C, a kill) leaves them missing: the README's recovery command must bring them back.
+TRAIN_RESNET_OUTPUTS = ("models/resnet/model.pt", "models/resnet/mlflow.json", "metrics/resnet.json",
+                        "plots/resnet/history.csv")
+
+
+def committed_outputs(repo: Path) -> dict[str, bytes]:
     sh(repo, "git", "checkout", "HEAD", "--", ".")
     # As committed, whatever git's stat cache says of files that an earlier test's experiment rewrote.
     for path in ("metrics/resnet.json", "plots/resnet/history.csv"):
         (repo / path).write_bytes(subprocess.run(["git", "show", f"HEAD:{path}"], cwd=repo, capture_output=True,
                                                  check=True).stdout)
     sh(repo, "dvc", "checkout")
+    return {p: (repo / p).read_bytes() for p in TRAIN_RESNET_OUTPUTS}
+
+
+def test_a_stage_that_fails_after_it_started_keeps_its_previous_outputs_byte_for_byte(repo):
+    before = committed_outputs(repo)
     status = sh(repo, "dvc", "status", "train_resnet").stdout
-    outputs = ("models/resnet/model.pt", "metrics/resnet.json", "plots/resnet/history.csv")
-    before = {p: (repo / p).read_bytes() for p in outputs}
     images = repo / "data/normalized/train_images.npy"
     images.unlink()  # a new file: the DVC cache behind the old one stays intact
     images.write_bytes(b"not an array")  # the stage starts, then fails reading its input
     done = sh(repo, "dvc", "repro", "-f", "-s", "train_resnet", check=False)
     assert done.returncode != 0 and "Running stage 'train_resnet'" in done.stdout
-    assert not (repo / "metrics/resnet.json").exists(), "premise: DVC deleted the outputs before the command ran"
-    sh(repo, "dvc", "checkout", "--force", "data/normalized")  # undo the sabotage, not part of the recovery
-    sh(repo, "sh", "-c", "git checkout -- metrics plots && dvc checkout")
-    assert {p: (repo / p).read_bytes() for p in outputs} == before
+    assert {p: (repo / p).read_bytes() for p in TRAIN_RESNET_OUTPUTS} == before
+    sh(repo, "dvc", "checkout", "--force", "data/normalized")  # undo the sabotage
     assert sh(repo, "dvc", "status", "train_resnet").stdout == status
+
+
+def test_a_repro_killed_in_training_keeps_the_previous_outputs_byte_for_byte(repo):
+    before = committed_outputs(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["resnet"]["epochs"] = 30  # long enough to be killed in the middle
+    write_params(repo, params)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    checkpoint = repo / "checkpoints/resnet.pt"
+    checkpoint.unlink(missing_ok=True)
+    repro = subprocess.Popen(["dvc", "repro", "train_resnet"], cwd=repo, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and repro.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first epoch checkpointed: training is under way
+        assert checkpoint.exists() and repro.poll() is None, "premise: killed while training"
+    finally:
+        os.killpg(repro.pid, signal.SIGKILL)
+        repro.wait()
+    assert {p: (repo / p).read_bytes() for p in TRAIN_RESNET_OUTPUTS} == before
+    sh(repo, "git", "checkout", "HEAD", "--", "params.yaml")
+    sh(repo, "dvc", "status", "train_resnet")  # DVC still reads the project after the kill
 
 
 def test_make_repro_works_from_a_shell_without_the_venv_on_path(repo):

@@ -78,8 +78,8 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     metrics = _metrics(rows, targets, device, bf16)
     table = evaluate.comparison_table(rows)
     _write_outputs(config, rows, histories, targets, table, classes, splits["test"].labels, device)
-    paths.METRICS.mkdir(exist_ok=True)
-    (paths.METRICS / "evaluate.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with paths.replacing(paths.METRICS / "evaluate.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
 
     print(f"wrote {paths.REPORTS}/, {paths.PLOTS / 'evaluate'}/ and {paths.METRICS / 'evaluate.json'}; "
           "recording the evaluate run in MLflow", flush=True)

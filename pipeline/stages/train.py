@@ -37,13 +37,13 @@ def write_outputs(name: str, train_cfg: Recipe, result: FitResult, key: str) -> 
         "images_per_s": float(history["images_per_s"].median()),
         "parameters": models.count_parameters(result.model),
     }
-    paths.model_file(name).parent.mkdir(parents=True, exist_ok=True)
-    models.save(paths.model_file(name), train_cfg.model, result.state, fingerprint=key,
-                selected_epoch=result.selected_epoch)
-    paths.metrics_file(name).parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics_file(name).write_text(json.dumps(summary, indent=2) + "\n")
-    paths.history_file(name).parent.mkdir(parents=True, exist_ok=True)
-    history.to_csv(paths.history_file(name), index=False)
+    # Each file replaced whole, after training: a stage killed before this point keeps the previous outputs.
+    with paths.replacing(paths.model_file(name)) as tmp:
+        models.save(tmp, train_cfg.model, result.state, fingerprint=key, selected_epoch=result.selected_epoch)
+    with paths.replacing(paths.metrics_file(name)) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with paths.replacing(paths.history_file(name)) as tmp:
+        history.to_csv(tmp, index=False)
     return summary
 
 
@@ -81,9 +81,9 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
         # Recorded from the files just written, as log-run records them.
         model_uri = tracking.record_outputs(config, name, val.images[:4].astype("float32"), do=log.do)
     # After the run's end, so that `complete` covers every record, the end included.
-    paths.model_tracking_file(name).write_text(json.dumps(
-        {"run_id": run.info.run_id, "model_uri": model_uri, "experiment": config.train.experiment, **log.status()},
-        indent=2) + "\n")
+    with paths.replacing(paths.model_tracking_file(name)) as tmp:
+        tmp.write_text(json.dumps({"run_id": run.info.run_id, "model_uri": model_uri,
+                                   "experiment": config.train.experiment, **log.status()}, indent=2) + "\n")
     log.report([str(paths.model_file(name)), str(paths.metrics_file(name)), str(paths.history_file(name))])
     print(f"{name}: epoch {summary['selected_epoch']} selected ({train_cfg.select}); train acc "
           f"{summary['train_acc']:.4f} (eval {summary['train_eval_acc']:.4f}), val acc {summary['val_acc']:.4f}")
