@@ -75,15 +75,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 @contextmanager
-def training_lock(name: str) -> Iterator[None]:
+def training_lock(name: str) -> Iterator[int | None]:
     """One training of a model at a time in a project (as DVC locks its repository): a second refuses.
 
-    The lock is the kernel's (flock), so a killed training leaves nothing to clean up.
+    The lock is the kernel's (flock), so a killed training leaves nothing to clean up. Yields the
+    file descriptor that holds it, for a launcher to hand down (a lock lives while any holder does).
     """
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        yield
+        yield None
         return
     path = CHECKPOINTS / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,22 +94,28 @@ def training_lock(name: str) -> Iterator[None]:
         except BlockingIOError:
             raise PipelineError(f"another training of the {name} model is running in this project (it holds "
                                 f"{path}): wait for it to end, or stop it; its checkpoint lets it resume") from None
-        yield
+        yield handle.fileno()
 
 
-def torchrun(nproc: int, argv: list[str]) -> int:
-    """Run `python -m pipeline ARGV` in nproc processes under torchrun (single machine) and wait for them."""
+def torchrun(nproc: int, argv: list[str], lock_fd: int | None = None) -> int:
+    """Run `python -m pipeline ARGV` in nproc processes under torchrun (single machine) and wait for them.
+
+    torchrun gets SIGTERM if this process dies, even by -9 (and its ranks die with it: see train_stage),
+    and holds the training lock too, so that the lock lasts as long as any of them."""
+    from pipeline.distributed import die_with_parent
+
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "pipeline", *argv]
     print(f"train.nproc={nproc}: {' '.join(command)}", flush=True)
-    return run_child(command)
+    return run_child(command, pass_fds=() if lock_fd is None else (lock_fd,),
+                     preexec_fn=lambda: die_with_parent(signal.SIGTERM))
 
 
-def run_child(command: list[str], env: dict | None = None) -> int:
+def run_child(command: list[str], env: dict | None = None, **popen) -> int:
     """Run a command that our Ctrl-C or SIGTERM stops cleanly: it gets SIGINT, as from a terminal, in its own
     process group (DVC's stage, torchrun's ranks), and we wait for its own cleanup before unwinding."""
     try:
-        child = subprocess.Popen(command, env=env, start_new_session=True)
+        child = subprocess.Popen(command, env=env, start_new_session=True, **popen)
     except FileNotFoundError:
         raise PipelineError(f"{command[0]} not found: install the project (make install) and run from its venv") \
             from None
@@ -144,7 +151,7 @@ def dvc_experiment(overrides: list[str], model: str | None = None) -> int:
 
 
 def train_in_all(config, model: str, args: argparse.Namespace, overrides: list[str], parent: str,
-                 progress: bool) -> bool:
+                 progress: bool, lock_fd: int | None) -> bool:
     """One model's training inside `all`: in this process, or under torchrun with train.nproc > 1."""
     from pipeline.stages import train
 
@@ -153,7 +160,7 @@ def train_in_all(config, model: str, args: argparse.Namespace, overrides: list[s
         return True
     child = ["train", model, "--params", args.params, "--parent-run", parent, "--no-progress",
              *[f"--overlay={o}" for o in args.overlay], *[f"--set={o}" for o in overrides]]
-    return torchrun(config.train.nproc, child) == 0
+    return torchrun(config.train.nproc, child, lock_fd) == 0
 
 
 def stop_cleanly_on_signals() -> None:
@@ -178,13 +185,14 @@ def train_stage(config, args: argparse.Namespace, argv: list[str], progress: boo
     from pipeline.stages import check, train
 
     check.preflight(config)
-    if distributed.under_launcher():  # a rank of torchrun: the process that launched it holds the lock
+    if distributed.under_launcher():  # a rank of torchrun: torchrun and the process that launched it hold the lock
+        distributed.die_with_parent()  # gloo or NCCL may block a gentler signal: a rank ends with torchrun
         train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
         return 0
-    with training_lock(args.model):
+    with training_lock(args.model) as lock_fd:
         if config.train.nproc > 1:
             tracking.require_tracking(f"train_{args.model}")  # before any process starts training
-            return torchrun(config.train.nproc, argv)
+            return torchrun(config.train.nproc, argv, lock_fd)
         train.run(config, args.model, parent_run_id=args.parent_run, progress=progress)
     return 0
 
@@ -204,8 +212,8 @@ def all_stages(config, args: argparse.Namespace, overrides: list[str], progress:
     if parent is None:
         parent = tracking.parent_run(config)
     for model in MODEL_NAMES:
-        with training_lock(model):
-            if not train_in_all(config, model, args, overrides, parent, progress):
+        with training_lock(model) as lock_fd:
+            if not train_in_all(config, model, args, overrides, parent, progress, lock_fd):
                 return 1
     evaluate.run(config, parent_run_id=parent)
     return 0

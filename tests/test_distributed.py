@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -82,3 +85,57 @@ def test_only_rank_zero_records_one_mlflow_run_and_the_outputs(prepared, tmp_pat
     assert runs[0].data.params["train.nproc"] == "2"
     for path in ("models/resnet/model.pt", "metrics/resnet.json", "plots/resnet/history.csv"):
         assert (directory / path).exists(), path
+
+
+def processes_with(marker: str) -> list[int]:
+    """The pids of live processes whose environment holds `marker` (a launcher, torchrun, its ranks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes() and \
+                        not (entry / "stat").read_text().split(")")[-1].split()[0] == "Z":
+                    found.append(int(entry.name))
+            except OSError:
+                pass  # gone meanwhile, or not ours
+    return found
+
+
+def lock_is_free(path: Path) -> bool:
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_killing_the_launcher_ends_its_ranks_and_the_lock_lasts_as_long_as_they_do(prepared, tmp_path):
+    directory = tmp_path / "killed"
+    shutil.copytree(prepared, directory)
+    marker = f"PIPELINE_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}",
+           marker.split("=")[0]: marker.split("=")[1]}
+    env.pop("MLFLOW_RUN_ID", None)
+    args = [sys.executable, "-m", "pipeline", "train", "resnet", "--no-progress"]
+    for override in (*BATCH, "train.nproc=2", "train.resnet.epochs=30"):
+        args += ["-S", override]
+    launcher = subprocess.Popen(args, cwd=directory, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = directory / "checkpoints/resnet.pt"
+    lock = directory / "checkpoints/resnet.lock"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists() and launcher.poll() is None, "premise: the ranks are training"
+    assert len(processes_with(marker)) >= 4, "premise: the launcher, torchrun and two ranks"
+    launcher.kill()  # -9: no cleanup of its own
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while processes_with(marker) and time.monotonic() < deadline:
+        assert not lock_is_free(lock), "the lock was free while a rank still trained"
+        time.sleep(0.05)
+    assert processes_with(marker) == [], "ranks outlived their launcher"
+    assert lock_is_free(lock), "nothing holds the lock once every process is gone"
