@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import signal
 import pickle
 import socket
 import subprocess
@@ -767,4 +768,21 @@ def test_a_small_hostile_pickle_costs_bounded_memory_and_is_refused(tmp_path, ti
     assert done.returncode == 2, done.stderr[-2000:]
     assert name in done.stdout and re.search(phrase, done.stdout), done.stdout
     assert len(done.stdout) < 2000, "the message must not print the value"
+    assert_nothing_kept(tmp_path / "data")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_download_stopped_by_a_signal_removes_its_staging_folder(tmp_path, hostile, signum):
+    write_params(tmp_path, tiny_params(f"{hostile}/drip", OTHER_MD5))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    download_cli = subprocess.Popen([sys.executable, "-m", "pipeline", "download"], cwd=tmp_path, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not leftovers(tmp_path / "data") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(tmp_path / "data"), "premise: the transfer is under way in its staging folder"
+    time.sleep(0.5)
+    download_cli.send_signal(signum)
+    _, stderr = download_cli.communicate(timeout=30)
+    assert download_cli.returncode != 0 and "Traceback" not in stderr
     assert_nothing_kept(tmp_path / "data")
