@@ -397,7 +397,7 @@ def seeds_of_committed_recipe(seeds: dict | None, lock: dict) -> dict | None:
 
 def lock_val_size(lock: dict) -> int:
     """data.val_size as the committed normalize stage ran with it."""
-    return int(lock["stages"]["normalize"]["params"]["params.yaml"]["data"]["val_size"])
+    return int(lock["stages"]["normalize"]["params"]["params.yaml"]["data.val_size"])
 
 
 def write() -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import numpy as np
 import pandas as pd
 import torch
@@ -278,10 +279,33 @@ def data_tags(stats: dict) -> dict[str, str]:
     }
 
 
+def artifact_root() -> str | None:
+    """Where a new experiment of a local store keeps its artifacts: mlruns/ beside the store's file.
+
+    MLflow's default is relative to the working directory, and DVC runs `dvc exp run --temp` and queued
+    experiments in a copy that it deletes afterwards, with every artifact logged there. None for a
+    tracking server, which decides for itself."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    return None
+
+
+def use_experiment(name: str):
+    """mlflow.set_experiment, creating the experiment first (if new) with its artifacts at artifact_root()."""
+    client = MlflowClient()
+    if client.get_experiment_by_name(name) is None and (root := artifact_root()) is not None:
+        try:
+            client.create_experiment(name, artifact_location=f"{root}/{re.sub(r'[^A-Za-z0-9._-]', '_', name)}")
+        except MlflowException:
+            pass  # created meanwhile by another stage: set_experiment finds it
+    return mlflow.set_experiment(name)
+
+
 def parent_run(config: Config) -> str:
     """The parent run of this configuration's group in the params' experiment, found or created."""
     client = MlflowClient()
-    experiment = mlflow.set_experiment(config.train.experiment)
+    experiment = use_experiment(config.train.experiment)
     experiment_id = experiment.experiment_id
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
         # Without it, MLflow 3's UI opens the experiment on its GenAI pages (traces), not on the runs.

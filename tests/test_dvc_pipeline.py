@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -249,11 +250,11 @@ def test_make_quick_runs_every_stage_in_a_temporary_copy_and_leaves_the_workspac
     sh(repo, "dvc", "checkout")
     kept = ("params.yaml", "dvc.lock", "metrics/resnet.json", "metrics/evaluate.json", "models/resnet/model.pt")
     before = {p: (repo / p).read_bytes() for p in kept}
-    store = f"sqlite:///{repo / 'mlflow.db'}"
+    store = f"sqlite:///{repo / 'quick.db'}"  # a new store: the quick run creates the experiment
     plain = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     plain.update(PATH="/usr/local/bin:/usr/bin:/bin", MLFLOW_TRACKING_URI=store)
-    done = subprocess.run(["make", "quick", f"VENV={venv}"], cwd=repo, env=plain, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(["make", "quick", f"VENV={venv}", "ARGS=-S train.log_model=true"], cwd=repo, env=plain,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert ran_stages(done.stdout) == ["train_baseline", "train_resnet", "evaluate"], done.stdout
     assert {p: (repo / p).read_bytes() for p in kept} == before, "the workspace keeps the committed run"
@@ -264,6 +265,21 @@ def test_make_quick_runs_every_stage_in_a_temporary_copy_and_leaves_the_workspac
         [e.experiment_id for e in MlflowClient(store).search_experiments()],
         filter_string="tags.`dvc.stage` = 'train_resnet' and params.epochs = '1'")
     assert runs, "the quick run's training is recorded in the project's MLflow store"
+    # Its artifacts outlive DVC's temporary copy: the registered model loads, the report reads.
+    experiment = MlflowClient(store).get_experiment(runs[0].info.experiment_id)
+    assert ".dvc/tmp" not in experiment.artifact_location and str(repo) in experiment.artifact_location
+    mlflow.set_tracking_uri(store)
+    try:
+        version = MlflowClient().search_model_versions("name = 'cifar10-resnet'")[0].version
+        loaded = mlflow.pytorch.load_model(f"models:/cifar10-resnet/{version}")
+        images = np.load(repo / "data/normalized/test_images.npy")[:2].astype(np.float32)
+        assert tuple(loaded(torch.from_numpy(images)).shape) == (2, 10)
+        evaluated = mlflow.search_runs(experiment_ids=[experiment.experiment_id], output_format="list",
+                                       filter_string="tags.`dvc.stage` = 'evaluate'")[0]
+        report = mlflow.artifacts.download_artifacts(run_id=evaluated.info.run_id, artifact_path="report/report.md")
+        assert "validation accuracy" in Path(report).read_text()
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_make_plots_writes_a_page_that_opens_without_internet(repo):
