@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from pipeline import config as config_module
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.paths import CHECKPOINTS, METRICS, MODEL_NAMES
 
 STAGES = {
@@ -284,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             return all_stages(config, args, overrides, progress)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, ConfigError) and os.environ.get("DVC_EXP_NAME") and "/.dvc/tmp/exps/" not in os.getcwd():
+            print("note: `dvc exp run -S` wrote the refused value into params.yaml before this check ran; "
+                  "`git checkout params.yaml` restores the committed params (the previous outputs are kept)",
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch is checkpointed; rerun the same command to resume",

@@ -134,10 +134,14 @@ def test_exp_run_with_set_param_records_an_experiment_with_other_metrics(repo):
     assert "metrics/resnet.json" in json.loads(diff.stdout)
 
 
-def test_exp_run_refuses_an_invalid_value_with_the_key_named(repo):
+def test_exp_run_refuses_an_invalid_value_with_the_key_named_and_says_what_it_left(repo):
+    sh(repo, "git", "checkout", "HEAD", "--", ".")
     done = sh(repo, "dvc", "exp", "run", "-S", "train.resnet.epochs=31", check=False)
     assert done.returncode != 0
     assert "train.resnet.epochs" in done.stdout + done.stderr
+    assert "`git checkout params.yaml` restores the committed params" in done.stdout + done.stderr
+    assert (repo / "data/params.ok").exists(), "the check's output stays"
+    sh(repo, "git", "checkout", "HEAD", "--", "params.yaml")
 
 
 def test_a_bad_param_stops_repro_in_the_check_stage_and_deletes_nothing(repo):
