@@ -13,9 +13,15 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: repro quick test test-fast seeds results plots install bench clean ui exps
 
+# CPU=1: PyTorch's CPU-only builds (a venv a few GB smaller), a matching pair from PyTorch's CPU index
+# only, so that pip cannot mix in other builds; a clear error where that index is out of reach.
+TORCH_CPU := torch==2.14.1 torchvision==0.29.1
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(CPU),$(BIN)/python -m pip install -q --retries 1 --timeout 20 --index-url $(TORCH_CPU_INDEX) $(TORCH_CPU) \
+		|| { echo "error: could not install the CPU-only pair $(TORCH_CPU) from $(TORCH_CPU_INDEX) (offline, or the index lacks it for this Python). Run make install without CPU=1 to use your usual index." >&2; exit 2; })
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
