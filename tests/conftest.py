@@ -189,6 +189,7 @@ def built_project(tmp_path_factory, archive_url, tiny_archive) -> BuiltProject:
     run("git", "init", "-q")
     run("dvc", "init", "-q")
     shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")  # the committed default remote
+    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")  # the project's plot templates
     run("git", "add", "-A")
     run("git", "commit", "-qm", "tiny project")
     output = run("dvc", "repro")

@@ -90,6 +90,13 @@ def test_plots_and_metrics_render(repo):
     sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")
     html = (repo / "dvc_plots/index.html").read_text()
     assert "confusion_resnet.csv" in html and "history.csv" in html
+    # Each curve (file and column) has its own colour, not one colour per revision told apart by dash.
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)["data"]
+    curves = plots["Learning curves (training accuracy is the running, training-mode figure)"][0]["content"]
+    colours = [layer["encoding"]["color"] for layer in curves["layer"] if "color" in layer.get("encoding", {})]
+    assert colours and all(c["field"] == "curve" for c in colours) and "color" not in curves["encoding"]
+    named = {v["filename::field"] for v in curves["data"]["values"]}
+    assert named == {f"{m}/history.csv::{f}" for m in ("baseline", "resnet") for f in ("train_acc", "val_acc")}
 
 
 def test_results_document_is_written_from_the_committed_outputs(repo):
