@@ -50,7 +50,7 @@ seeds: install
 	$(BIN)/python -m pipeline seeds --seeds 0 1 2 3 4
 
 # The headline columns of `dvc exp show` only: its full table has about 185 columns.
-EXPS_KEEP := Experiment|all_targets_hold|^resnet\.(val_acc|train_running_acc|selected_epoch)$$|^train\.resnet\.(epochs|model\.width|optimizer\.lr)$$
+EXPS_KEEP := Experiment|^metrics/headline\.json:(all_targets_hold|resnet\.(val|running))$$|^train\.resnet\.(epochs|model\.width)$$
 exps: install
 	$(BIN)/dvc exp show --md --drop '.*' --keep '$(EXPS_KEEP)'
 

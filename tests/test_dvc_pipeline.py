@@ -85,8 +85,17 @@ def test_second_repro_is_up_to_date(repo):
 
 
 def test_plots_and_metrics_render(repo):
-    shown = sh(repo, "dvc", "metrics", "show", "--json")
-    assert "evaluate.json" in shown.stdout
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
+    headline = next(iter(_values(shown, "metrics/headline.json")))["data"]
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    for name in ("baseline", "resnet"):
+        assert headline[name]["val"] == round(evaluated[name]["val_acc"], 4)
+        assert headline[name]["running"] == round(evaluated[name]["train_running_acc"], 4)
+        assert headline[name]["clean"] == round(evaluated[name]["train_acc"], 4)
+        assert set(headline[name]) == {"val", "test", "running", "clean", "epoch", "min"}
+    assert headline["all_targets_hold"] == evaluated["all_targets_hold"]
+    table = sh(repo, "dvc", "metrics", "show").stdout
+    assert max(len(line) for line in table.splitlines()) <= 250, table
     sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")
     html = (repo / "dvc_plots/index.html").read_text()
     assert "confusion_resnet.csv" in html and "history.csv" in html
@@ -138,7 +147,7 @@ def test_exp_run_with_set_param_records_an_experiment_with_other_metrics(repo):
     assert (committed["epochs"], experiment["epochs"]) == (2, 3)
     assert experiment != committed
     diff = sh(repo, "dvc", "metrics", "diff", "HEAD", "--json")
-    assert "metrics/resnet.json" in json.loads(diff.stdout)
+    assert "metrics/headline.json" in json.loads(diff.stdout)
 
 
 def test_exp_run_refuses_an_invalid_value_with_the_key_named_and_says_what_it_left(repo):
@@ -270,8 +279,10 @@ def test_make_quick_runs_every_stage_in_a_temporary_copy_and_leaves_the_workspac
     assert ran_stages(done.stdout) == ["train_baseline", "train_resnet", "evaluate"], done.stdout
     assert {p: (repo / p).read_bytes() for p in kept} == before, "the workspace keeps the committed run"
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
-    epochs = [m["data"]["epochs"] for m in _values(shown, "metrics/resnet.json") if "data" in m]
+    epochs = [m["data"]["train"]["resnet"]["epochs"] for m in _values(shown, "params.yaml") if "data" in m]
     assert 1 in epochs and 2 in epochs, "dvc exp show lists the quick run beside the workspace's"
+    assert any("resnet" in m.get("data", {}) for m in _values(shown, "metrics/headline.json")), \
+        "with its headline figures"
     runs = MlflowClient(store).search_runs(
         [e.experiment_id for e in MlflowClient(store).search_experiments()],
         filter_string="tags.`dvc.stage` = 'train_resnet' and params.epochs = '1'")

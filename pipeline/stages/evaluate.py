@@ -19,6 +19,7 @@ from pipeline.stages.train import fingerprint
 from pipeline.device import device_name, select_device, uses_bf16
 
 CHAMPION = "champion"
+HEADLINE = paths.METRICS / "headline.json"
 
 
 def _trained(config: Config, name: str) -> tuple:
@@ -80,6 +81,8 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     _write_outputs(config, rows, histories, targets, table, classes, splits["test"].labels, device)
     with paths.replacing(paths.METRICS / "evaluate.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    with paths.replacing(HEADLINE) as tmp:
+        tmp.write_text(json.dumps(headline(metrics), indent=2) + "\n")
 
     print(f"wrote {paths.REPORTS}/, {paths.PLOTS / 'evaluate'}/ and {paths.METRICS / 'evaluate.json'}; "
           "recording the evaluate run in MLflow", flush=True)
@@ -89,6 +92,20 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
     if registered:
         print(registered)
     return metrics
+
+
+def headline(metrics: dict) -> dict:
+    """metrics/headline.json, what `dvc metrics show` lists (a line that fits a terminal): whether the
+    targets hold and, per model, accuracy on validation and test, running (training-mode, the kept
+    epoch's average) and clean (eval-mode) training accuracy, the kept epoch and the training minutes
+    ("min"). Short names: the line stays under 250 characters."""
+    return {
+        "all_targets_hold": metrics["all_targets_hold"],
+        **{name: {"val": round(m["val_acc"], 4), "test": round(m["test_acc"], 4),
+                  "running": round(m["train_running_acc"], 4), "clean": round(m["train_acc"], 4),
+                  "epoch": m["selected_epoch"], "min": round(m["train_time_s"] / 60, 1)}
+           for name, m in metrics.items() if name in paths.MODEL_NAMES},
+    }
 
 
 def _metrics(rows: dict, targets: dict, device: torch.device, bf16: bool) -> dict:

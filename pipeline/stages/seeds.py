@@ -29,7 +29,8 @@ from pipeline.train import Checkpoint, fit
 
 FIGURES = ("val_acc", "test_acc", "train_running_acc", "train_acc", "selected_epoch", "train_time_s")
 LABELS = ("seed", "precision", "machine")  # what a row is of: seeds.json holds one row per (seed, precision)
-SEEDS_FILE = paths.METRICS / "seeds.json"
+SEEDS_FILE = paths.METRICS / "seeds.json"  # every seed's row, the recipe, mean and spread (docs/results.md)
+SEEDS_MEAN_FILE = paths.METRICS / "seeds_mean.json"  # what `dvc metrics show` lists of them
 
 
 def precision_of(config: Config) -> str:
@@ -153,11 +154,22 @@ def write(config: Config, rows: dict[tuple[int, str], dict]) -> dict:
     ordered = [rows[key] for key in sorted(rows, key=lambda key: (key[1] != "bf16", key))]
     # With the recipe they share: results.py shows only the seeds of the committed one.
     summary = {"recipe": recipe_without_seed(config.train.resnet), **aggregate(ordered, pipeline_precision(config))}
-    SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = SEEDS_FILE.with_name(SEEDS_FILE.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(SEEDS_FILE)
+    with paths.replacing(SEEDS_FILE) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with paths.replacing(SEEDS_MEAN_FILE) as tmp:
+        tmp.write_text(json.dumps(mean_headline(summary), indent=2) + "\n")
     return summary
+
+
+def mean_headline(summary: dict) -> dict:
+    """metrics/seeds_mean.json: the mean over seeds in metrics/headline.json's ResNet columns, so that
+    `dvc metrics show` lists it as a second line of the same table (the spread: metrics/seeds.json)."""
+    mean = summary["mean"]
+    if not mean:
+        return {}
+    return {"resnet": {"val": round(mean["val_acc"], 4), "test": round(mean["test_acc"], 4),
+                       "running": round(mean["train_running_acc"], 4), "clean": round(mean["train_acc"], 4),
+                       "epoch": round(mean["selected_epoch"], 1), "min": round(mean["train_time_s"] / 60, 1)}}
 
 
 def run(config: Config, seeds: list[int], progress: bool = True, retrain: bool = False) -> dict:
