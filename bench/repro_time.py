@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from pipeline.device import cpu_has_native_bf16
-from pipeline.evaluate import cpu_model
+from pipeline.device import cpu_model
 
 STAGE_STARTS = re.compile(r"Running stage '([^']+)'")
 

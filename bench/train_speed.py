@@ -22,7 +22,7 @@ from pipeline.compute import training_flops_per_image
 from pipeline.models import build_model, count_parameters
 from pipeline.paths import MODEL_NAMES
 from pipeline.device import device_name, memory_format, select_device, uses_bf16
-from pipeline.evaluate import cpu_model
+from pipeline.device import cpu_model
 from pipeline.train import make_optimizer, train_step
 
 

@@ -142,6 +142,10 @@ class OptimizerConfig(Strict):
 class Recipe(Strict):
     """How one model is trained: params' train.baseline or train.resnet."""
 
+    def without_seed(self) -> dict:
+        """What the seeds of one recipe share: the recipe without its seed (metrics/seeds.json records it)."""
+        return self.model_dump(mode="json", exclude={"seed"})
+
     model: Annotated[BaselineModelConfig | ResNetModelConfig, Field(discriminator="arch")]
     epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)]
     batch_size: Annotated[int, Field(strict=True, ge=1)]
@@ -274,6 +278,12 @@ class Config(Strict):
                                  f"{CIFAR10_TRAIN_IMAGES:,} training images less data.val_size {self.data.val_size:,} "
                                  f"leave {images:,}. Choose a batch size of at most {images:,} (128 to 512 train well)")
         return self
+
+    def model_fingerprint(self, name: str) -> str:
+        """What a trained model of `name` depends on: the data and its own section of params, and the
+        settings that change its training (saved with the model, checked wherever it is loaded)."""
+        return self.fingerprint("data", f"train.{name}", "train.eval_train_size", "train.deterministic",
+                                "train.nproc", "train.precision")
 
     def fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections (dotted paths), to match outputs to the params that made them.

@@ -24,7 +24,6 @@ import os
 import pickle
 import pickletools
 import shutil
-import socket
 import tarfile
 import tempfile
 import time

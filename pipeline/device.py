@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,3 +72,14 @@ def to_device_tensor(split: Split, device: torch.device) -> tuple[Tensor, Tensor
 
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def cpu_model() -> str:
+    """The processor's name as Linux reports it, else what Python's platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

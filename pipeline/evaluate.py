@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -71,17 +70,6 @@ def check_targets(config: Config, resnet: dict, trained: dict, classes: list[str
             "value": f"classes {', '.join(classes)}", "holds": classes == CIFAR10_CLASSES,
         },
     }
-
-
-def cpu_model() -> str:
-    """The processor's name as Linux reports it, else what Python's platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def comparison_table(rows: dict[str, dict]) -> pd.DataFrame:

@@ -378,17 +378,12 @@ def screens_section() -> list[str]:
     return lines
 
 
-def recipe_without_seed(recipe: Recipe) -> dict:
-    """What the seeds of a ResNet recipe share: the recipe without its seed (metrics/seeds.json records it)."""
-    return recipe.model_dump(mode="json", exclude={"seed"})
-
-
 def seeds_of_committed_recipe(seeds: dict | None, lock: dict) -> dict | None:
     """metrics/seeds.json if its seeds are of the ResNet recipe in dvc.lock, else None (stale: rerun seeds)."""
     if seeds is None:
         return None
     committed = Recipe.model_validate(lock["stages"]["train_resnet"]["params"]["params.yaml"]["train.resnet"])
-    if seeds.get("recipe") != recipe_without_seed(committed):
+    if seeds.get("recipe") != committed.without_seed():
         print("metrics/seeds.json holds seeds of another ResNet recipe than dvc.lock's: left out; rerun "
               "`python -m pipeline seeds` for this one")
         return None

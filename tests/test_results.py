@@ -18,7 +18,7 @@ def committed_lock(resnet: dict) -> dict:
 def test_seeds_of_the_committed_recipe_are_shown_and_stale_ones_are_not():
     cfg = config.load(ROOT / "params.yaml")
     resnet = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["resnet"]  # as DVC records it
-    recorded = {"recipe": results.recipe_without_seed(cfg.train.resnet), "seeds": [], "mean": {}, "std": {}}
+    recorded = {"recipe": cfg.train.resnet.without_seed(), "seeds": [], "mean": {}, "std": {}}
     assert results.seeds_of_committed_recipe(recorded, committed_lock(resnet)) is recorded
     assert results.seeds_of_committed_recipe(recorded, committed_lock({**resnet, "seed": 7})) is recorded, \
         "the seed is not part of the recipe"

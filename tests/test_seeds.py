@@ -8,7 +8,7 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, paths, results
+from pipeline import config, paths
 from pipeline.stages import download, evaluate, normalize, seeds, train
 
 
@@ -40,7 +40,7 @@ def test_seeds_reuse_the_pipeline_run_and_train_the_others(project):
     summary = seeds.run(cfg, [0, 1], progress=False)
 
     written = json.loads((paths.METRICS / "seeds.json").read_text())
-    assert written["recipe"] == results.recipe_without_seed(cfg.train.resnet) and "seed" not in written["recipe"]
+    assert written["recipe"] == cfg.train.resnet.without_seed() and "seed" not in written["recipe"]
     assert written == summary
     assert [row["seed"] for row in written["seeds"]] == [0, 1]
     pipeline_row, trained_row = written["seeds"]
@@ -86,7 +86,7 @@ def test_seeds_that_seeds_json_holds_for_this_recipe_are_not_trained_again(proje
         seeds.SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
         seeds.SEEDS_FILE.write_text(json.dumps({"recipe": recipe, **seeds.aggregate([held])}))
 
-    record(results.recipe_without_seed(cfg.train.resnet))
+    record(cfg.train.resnet.without_seed())
     summary = seeds.run(cfg, [1, 2], progress=False)
     assert summary["seeds"][0] == held, "seed 1 is taken from seeds.json as it is"
     assert not (paths.CHECKPOINTS / f"resnet-seed1-{precision}.pt").exists()
@@ -94,12 +94,12 @@ def test_seeds_that_seeds_json_holds_for_this_recipe_are_not_trained_again(proje
     assert json.loads(seeds.SEEDS_FILE.read_text())["seeds"][0] == held
 
     # Held for another recipe, the seed trains.
-    record({**results.recipe_without_seed(cfg.train.resnet), "epochs": cfg.train.resnet.epochs + 1})
+    record({**cfg.train.resnet.without_seed(), "epochs": cfg.train.resnet.epochs + 1})
     assert seeds.run(cfg, [1], progress=False)["seeds"][0]["val_acc"] != held["val_acc"]
     assert (paths.CHECKPOINTS / f"resnet-seed1-{precision}.pt").exists()
 
     # --retrain trains it although seeds.json holds it for this recipe.
-    record(results.recipe_without_seed(cfg.train.resnet))
+    record(cfg.train.resnet.without_seed())
     assert seeds.run(cfg, [1], progress=False, retrain=True)["seeds"][0]["val_acc"] != held["val_acc"]
 
 
@@ -111,7 +111,7 @@ def test_fp32_rows_join_the_bf16_rows_and_the_mean_stays_over_the_pipeline_preci
                   "train_running_acc": 0.4, "train_acc": 0.6, "selected_epoch": 1, "train_time_s": 9.0}
                  for s, v in [(0, 0.70), (1, 0.80)]]
     seeds.SEEDS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    seeds.SEEDS_FILE.write_text(json.dumps({"recipe": results.recipe_without_seed(cfg.train.resnet),
+    seeds.SEEDS_FILE.write_text(json.dumps({"recipe": cfg.train.resnet.without_seed(),
                                             **seeds.aggregate(bf16_rows, "bf16")}))
     (paths.METRICS / "evaluate.json").write_text(json.dumps({"machine": {"precision": "bf16"}}))
 

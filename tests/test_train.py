@@ -439,7 +439,7 @@ def test_train_stage_writes_model_metrics_and_history(project, name):
     train_cfg = getattr(cfg.train, name)
 
     model, saved = models.load(paths.model_file(name), train_cfg.model, f"train_{name}")
-    assert saved["fingerprint"] == train_stage.fingerprint(cfg, name)
+    assert saved["fingerprint"] == cfg.model_fingerprint(name)
     assert saved["selected_epoch"] == summary["selected_epoch"]
 
     metrics = json.loads(paths.metrics_file(name).read_text())
@@ -465,11 +465,11 @@ def test_train_stage_writes_model_metrics_and_history(project, name):
 
 def test_fingerprint_follows_what_changes_the_trained_model(project):
     cfg = config.load()
-    key = train_stage.fingerprint(cfg, "resnet")
+    key = cfg.model_fingerprint("resnet")
     for changed in ("train.precision=bf16", "train.precision=fp32", "train.resnet.seed=1", "data.seed=1"):
-        assert train_stage.fingerprint(config.load(overrides=[changed]), "resnet") != key, changed
+        assert config.load(overrides=[changed]).model_fingerprint("resnet") != key, changed
     for unrelated in ("train.experiment=other", "train.baseline.epochs=1", "train.log_model=true"):
-        assert train_stage.fingerprint(config.load(overrides=[unrelated]), "resnet") == key, unrelated
+        assert config.load(overrides=[unrelated]).model_fingerprint("resnet") == key, unrelated
 
 
 class Interrupted(Exception):
@@ -482,7 +482,7 @@ def test_checkpoint_of_other_params_is_ignored(project, capsys):
     normalize.run(cfg)
     name = "baseline"
     checkpoint = paths.checkpoint_file(name)
-    old_key = train_stage.fingerprint(cfg, name)
+    old_key = cfg.model_fingerprint(name)
 
     def stop_in_epoch_two(record):
         if record["epoch"] == 2:
@@ -494,7 +494,7 @@ def test_checkpoint_of_other_params_is_ignored(project, capsys):
     assert Checkpoint(checkpoint, old_key).load()["epoch"] == 1, "premise: the same params would resume"
 
     new = config.load(overrides=["train.baseline.optimizer.lr=0.002"])
-    new_key = train_stage.fingerprint(new, name)
+    new_key = new.model_fingerprint(name)
     assert new_key != old_key
     capsys.readouterr()
     train_stage.run(new, name, progress=False)
@@ -649,7 +649,7 @@ def test_a_checkpoint_whose_tensors_do_not_fit_is_set_aside_and_training_starts_
     normalize.run(cfg)
     name = "baseline"
     checkpoint = paths.checkpoint_file(name)
-    key = train_stage.fingerprint(cfg, name)
+    key = cfg.model_fingerprint(name)
 
     def stop_in_epoch_two(record):
         if record["epoch"] == 2:

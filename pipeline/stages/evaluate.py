@@ -15,8 +15,7 @@ from pipeline import data, evaluate, models, paths, plots, tracking
 from pipeline.config import Config
 from pipeline.data import replacing_dir
 from pipeline.models import ModelFileError
-from pipeline.stages.train import fingerprint
-from pipeline.device import device_name, select_device, uses_bf16
+from pipeline.device import cpu_model, device_name, select_device, uses_bf16
 
 CHAMPION = "champion"
 HEADLINE = paths.METRICS / "headline.json"
@@ -24,7 +23,7 @@ HEADLINE = paths.METRICS / "headline.json"
 
 def _trained(config: Config, name: str) -> tuple:
     model, saved = models.load(paths.model_file(name), getattr(config.train, name).model, f"train_{name}")
-    if saved.get("fingerprint") != fingerprint(config, name):
+    if saved.get("fingerprint") != config.model_fingerprint(name):
         raise ModelFileError(
             f"{paths.model_file(name)} was trained with other params (data or train.{name}) than params.yaml "
             f"says now: retrain it (dvc repro train_{name})"
@@ -123,7 +122,7 @@ def _metrics(rows: dict, targets: dict, device: torch.device, bf16: bool) -> dic
     metrics["targets"] = {name: t["holds"] for name, t in targets.items()}
     metrics["all_targets_hold"] = all(t["holds"] for t in targets.values())
     # Where the figures were measured (the stages run on one machine; train times depend on it).
-    metrics["machine"] = {"device": device_name(device), "cpu": evaluate.cpu_model(),
+    metrics["machine"] = {"device": device_name(device), "cpu": cpu_model(),
                           "threads": torch.get_num_threads(),
                           "precision": "bf16" if bf16 else "fp32"}
     return metrics

@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 from pipeline import data, models, paths, tracking
 from pipeline.config import Config
 from pipeline.errors import ModelFileError
-from pipeline.stages.train import fingerprint
 
 
 def run(config: Config, name: str) -> str:
@@ -30,7 +29,7 @@ def run(config: Config, name: str) -> str:
                                  f"(run it: dvc repro {stage})")
     train_cfg = getattr(config.train, name)
     _, saved = models.load(paths.model_file(name), train_cfg.model, stage)
-    if saved.get("fingerprint") != fingerprint(config, name):
+    if saved.get("fingerprint") != config.model_fingerprint(name):
         raise ModelFileError(
             f"{paths.model_file(name)} was trained with other params (data or train.{name}) than the params given "
             "now; log-run records the params it is given, so give it the ones the model was trained with "

@@ -21,10 +21,8 @@ import mlflow
 from pipeline import config as config_module
 from pipeline import data, evaluate, models, paths, tracking
 from pipeline.config import Config
-from pipeline.device import device_name, select_device, uses_bf16
+from pipeline.device import cpu_model, device_name, select_device, uses_bf16
 from pipeline.errors import ModelFileError
-from pipeline.results import recipe_without_seed
-from pipeline.stages.train import fingerprint
 from pipeline.train import Checkpoint, fit
 
 FIGURES = ("val_acc", "test_acc", "train_running_acc", "train_acc", "selected_epoch", "train_time_s")
@@ -41,7 +39,7 @@ def precision_of(config: Config) -> str:
 def machine() -> str:
     """The processor (or GPU) the rows trained on: a time is a figure of its machine."""
     device = select_device("auto")
-    return device_name(device) if device.type != "cpu" else evaluate.cpu_model()
+    return device_name(device) if device.type != "cpu" else cpu_model()
 
 
 def with_seed(config: Config, seed: int) -> Config:
@@ -58,7 +56,7 @@ def from_pipeline_run(config: Config) -> dict | None:
         _, saved = models.load(paths.model_file("resnet"), config.train.resnet.model, "train_resnet")
     except ModelFileError:  # trained with another model config
         return None
-    if saved.get("fingerprint") != fingerprint(config, "resnet"):
+    if saved.get("fingerprint") != config.model_fingerprint("resnet"):
         return None
     evaluated = json.loads(evaluated.read_text())
     ran_on = evaluated.get("machine", {})
@@ -82,7 +80,7 @@ def recorded_seeds(config: Config) -> dict[tuple[int, str], dict]:
         recorded = json.loads(SEEDS_FILE.read_text())
     except (OSError, ValueError):  # absent or not JSON: nothing to reuse
         return {}
-    if not isinstance(recorded, dict) or recorded.get("recipe") != recipe_without_seed(config.train.resnet):
+    if not isinstance(recorded, dict) or recorded.get("recipe") != config.train.resnet.without_seed():
         return {}
     rows = recorded.get("seeds")
     if not isinstance(rows, list):
@@ -98,7 +96,7 @@ def train_seed(config: Config, progress: bool) -> dict:
     """Train the ResNet of `config` (its seed set) outside DVC's outputs and score it on every split."""
     seed, cfg = config.train.resnet.seed, config.train.resnet
     splits = {name: data.load_split(paths.NORMALIZED, name) for name in data.SPLITS}
-    key = fingerprint(config, "resnet")
+    key = config.model_fingerprint("resnet")
     precision = precision_of(config)
     checkpoint = Checkpoint(paths.CHECKPOINTS / f"resnet-seed{seed}-{precision}.pt", key)
     resume = checkpoint.load()
@@ -153,7 +151,7 @@ def write(config: Config, rows: dict[tuple[int, str], dict]) -> dict:
     """metrics/seeds.json from the rows so far (bf16 first, then by seed), replaced atomically."""
     ordered = [rows[key] for key in sorted(rows, key=lambda key: (key[1] != "bf16", key))]
     # With the recipe they share: results.py shows only the seeds of the committed one.
-    summary = {"recipe": recipe_without_seed(config.train.resnet), **aggregate(ordered, pipeline_precision(config))}
+    summary = {"recipe": config.train.resnet.without_seed(), **aggregate(ordered, pipeline_precision(config))}
     with paths.replacing(SEEDS_FILE) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     with paths.replacing(SEEDS_MEAN_FILE) as tmp:

@@ -14,12 +14,6 @@ from pipeline.device import select_device
 from pipeline.train import Checkpoint, FitResult, fit
 
 
-def fingerprint(config: Config, name: str) -> str:
-    """What a trained model depends on: the data and its own section of params."""
-    return config.fingerprint("data", f"train.{name}", "train.eval_train_size", "train.deterministic",
-                              "train.nproc", "train.precision")
-
-
 def write_outputs(name: str, train_cfg: Recipe, result: FitResult, key: str) -> dict:
     """models/<name>/model.pt, metrics/<name>.json (the kept epoch's figures; returned) and history.csv."""
     history = pd.DataFrame(result.history)
@@ -52,7 +46,7 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
     train = data.load_split(paths.NORMALIZED, "train")
     val = data.load_split(paths.NORMALIZED, "val")
     stats = data.load_stats(paths.NORMALIZED)
-    key = fingerprint(config, name)
+    key = config.model_fingerprint(name)
     checkpoint = Checkpoint(paths.checkpoint_file(name), key)
     resume = checkpoint.load()
     if not distributed.context().is_main:
