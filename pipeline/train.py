@@ -32,7 +32,7 @@ from pipeline.data import Split
 from pipeline.device import autocast, memory_format, select_device, to_device_tensor, uses_bf16
 from pipeline.models import build_model, fit_to_data
 
-CHECKPOINT_VERSION = 6  # 4: loaded with weights_only (plain data only); 5: the average is an AveragedModel; 6: EMA or SWA
+CHECKPOINT_VERSION = 6  # raised whenever what a checkpoint holds changes: an older one is not resumed
 WHITENING_IMAGES = 5000  # training images whose patches set a whitening stem
 PROGRESS_LINE_EVERY_S = 30.0  # where no progress bar can be drawn (under DVC), a plain line this often
 
