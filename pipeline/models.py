@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import DropBlock2d, StochasticDepth
 
-from pipeline.config import BaselineModelConfig, ResNetModelConfig
+from pipeline import paths
+from pipeline.config import BaselineModelConfig, Config, ResNetModelConfig
 from pipeline.errors import ModelFileError
 
 NUM_CLASSES = 10
@@ -291,6 +292,17 @@ def _with_defaults(saved: dict, expected: BaselineModelConfig | ResNetModelConfi
         return type(expected).model_validate(saved).model_dump(mode="json")
     except ValueError:
         return saved  # not a config this code can read: reported as a mismatch
+
+
+def load_trained(config: Config, name: str) -> tuple[nn.Module, dict]:
+    """The trained model of `name` (models/<name>/model.pt) and what was saved with it, refused unless it
+    was trained with these params: its model config and the fingerprint of its data and recipe."""
+    path, stage = paths.model_file(name), f"train_{name}"
+    model, saved = load(path, getattr(config.train, name).model, stage)
+    if saved.get("fingerprint") != config.model_fingerprint(name):
+        raise ModelFileError(f"{path} was trained with other params (data or train.{name}) than the params given "
+                             f"now: retrain it (dvc repro {stage}), or give the params it was trained with")
+    return model, saved
 
 
 def load(path, expected: BaselineModelConfig | ResNetModelConfig, stage: str) -> tuple[nn.Module, dict]:

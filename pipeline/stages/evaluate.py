@@ -22,12 +22,7 @@ HEADLINE = paths.METRICS / "headline.json"
 
 
 def _trained(config: Config, name: str) -> tuple:
-    model, saved = models.load(paths.model_file(name), getattr(config.train, name).model, f"train_{name}")
-    if saved.get("fingerprint") != config.model_fingerprint(name):
-        raise ModelFileError(
-            f"{paths.model_file(name)} was trained with other params (data or train.{name}) than params.yaml "
-            f"says now: retrain it (dvc repro train_{name})"
-        )
+    model, _ = models.load_trained(config, name)
     for needed in (paths.metrics_file(name), paths.history_file(name), paths.model_tracking_file(name)):
         if not needed.exists():
             raise ModelFileError(f"{needed} not found: rerun the training stage (dvc repro train_{name})")

@@ -27,13 +27,7 @@ def run(config: Config, name: str) -> str:
         if not needed.exists():
             raise ModelFileError(f"{needed} not found: {stage} has not finished, there is nothing to log "
                                  f"(run it: dvc repro {stage})")
-    train_cfg = getattr(config.train, name)
-    _, saved = models.load(paths.model_file(name), train_cfg.model, stage)
-    if saved.get("fingerprint") != config.model_fingerprint(name):
-        raise ModelFileError(
-            f"{paths.model_file(name)} was trained with other params (data or train.{name}) than the params given "
-            "now; log-run records the params it is given, so give it the ones the model was trained with "
-            "(the same params.yaml and -S overrides)")
+    models.load_trained(config, name)  # log-run records the params it is given: they must be the model's
     history = pd.read_csv(paths.history_file(name))
     tracking_file = paths.model_tracking_file(name)
     previous = json.loads(tracking_file.read_text()) if tracking_file.exists() else {}

@@ -53,10 +53,8 @@ def from_pipeline_run(config: Config) -> dict | None:
     if not (paths.model_file("resnet").exists() and evaluated.exists()):
         return None
     try:
-        _, saved = models.load(paths.model_file("resnet"), config.train.resnet.model, "train_resnet")
-    except ModelFileError:  # trained with another model config
-        return None
-    if saved.get("fingerprint") != config.model_fingerprint("resnet"):
+        models.load_trained(config, "resnet")
+    except ModelFileError:  # trained with other params: not this recipe's seed
         return None
     evaluated = json.loads(evaluated.read_text())
     ran_on = evaluated.get("machine", {})
