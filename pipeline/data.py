@@ -193,9 +193,10 @@ def _fetch(url: str, dest: Path, max_bytes: int) -> str:
                         f"{advice}") from None
     except urllib.error.URLError as exc:
         raise DataError(f"could not reach {url}: {_short(exc.reason)}. {advice}") from None
+    except TimeoutError:
+        raise DataError(f"downloading {url} stalled: no data for {DOWNLOAD_TIMEOUT_S} s. {advice}") from None
     except (http.client.HTTPException, OSError, ValueError) as exc:
-        kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
-        raise DataError(f"downloading {url} {kind}: the server's reply is not a valid HTTP transfer "
+        raise DataError(f"downloading {url} failed: the transfer broke off or is not valid HTTP "
                         f"({type(exc).__name__}: {_short(exc)}). {advice}") from None
     return digest.hexdigest()
 
