@@ -476,21 +476,29 @@ class Interrupted(Exception):
     pass
 
 
-def test_checkpoint_of_other_params_is_ignored(project, capsys):
-    cfg = config.load()
+def baseline_stopped_in_epoch_two(cfg, run_id: str | None = None) -> Path:
+    """The data in place and the baseline's training stopped in epoch 2, before it is checkpointed (as if
+    killed there): its checkpoint holds epoch 1. Returns the checkpoint's path."""
     download.run(cfg)
     normalize.run(cfg)
-    name = "baseline"
-    checkpoint = paths.checkpoint_file(name)
-    old_key = cfg.model_fingerprint(name)
+    checkpoint = paths.checkpoint_file("baseline")
 
     def stop_in_epoch_two(record):
         if record["epoch"] == 2:
-            raise Interrupted  # before epoch 2 is checkpointed: as if killed there
+            raise Interrupted
 
     with pytest.raises(Interrupted):
         fit(cfg.train.baseline, cfg.train, load_split(paths.NORMALIZED, "train"), load_split(paths.NORMALIZED, "val"),
-            Checkpoint(checkpoint, old_key, run_id="run-of-other-params"), on_epoch=stop_in_epoch_two, progress=False)
+            Checkpoint(checkpoint, cfg.model_fingerprint("baseline"), run_id=run_id), on_epoch=stop_in_epoch_two,
+            progress=False)
+    return checkpoint
+
+
+def test_checkpoint_of_other_params_is_ignored(project, capsys):
+    cfg = config.load()
+    name = "baseline"
+    old_key = cfg.model_fingerprint(name)
+    checkpoint = baseline_stopped_in_epoch_two(cfg, run_id="run-of-other-params")
     assert Checkpoint(checkpoint, old_key).load()["epoch"] == 1, "premise: the same params would resume"
 
     new = config.load(overrides=["train.baseline.optimizer.lr=0.002"])
@@ -645,19 +653,8 @@ def test_a_checkpoint_that_is_not_a_mapping_is_set_aside(tmp_path, capsys):
 
 def test_a_checkpoint_whose_tensors_do_not_fit_is_set_aside_and_training_starts_afresh(project, capsys):
     cfg = config.load()
-    download.run(cfg)
-    normalize.run(cfg)
     name = "baseline"
-    checkpoint = paths.checkpoint_file(name)
-    key = cfg.model_fingerprint(name)
-
-    def stop_in_epoch_two(record):
-        if record["epoch"] == 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        fit(cfg.train.baseline, cfg.train, load_split(paths.NORMALIZED, "train"), load_split(paths.NORMALIZED, "val"),
-            Checkpoint(checkpoint, key), on_epoch=stop_in_epoch_two, progress=False)
+    checkpoint = baseline_stopped_in_epoch_two(cfg)
     state = torch.load(checkpoint, weights_only=True)
     state["model"] = {k: v.reshape(-1)[:1].clone() for k, v in state["model"].items()}  # plain data, wrong shapes
     torch.save(state, checkpoint)
