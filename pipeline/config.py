@@ -143,8 +143,10 @@ class Recipe(Strict):
     """How one model is trained: params' train.baseline or train.resnet."""
 
     def without_seed(self) -> dict:
-        """What the seeds of one recipe share: the recipe without its seed (metrics/seeds.json records it)."""
-        return self.model_dump(mode="json", exclude={"seed"})
+        """What the seeds of one recipe share: the recipe without its seed (metrics/seeds.json records it).
+        Options at their defaults are left out, as in `Config.fingerprint`: adding or removing an option
+        that is off leaves the recipe, and the seeds trained with it, the same."""
+        return self.model_dump(mode="json", exclude={"seed"}, exclude_defaults=True)
 
     model: Annotated[BaselineModelConfig | ResNetModelConfig, Field(discriminator="arch")]
     epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)]
