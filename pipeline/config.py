@@ -71,48 +71,15 @@ class ResNetModelConfig(Strict):
     blocks: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1, max_length=5)]
     downsample: Literal["stride", "pool"] = "stride"
     pooling: Literal["avg", "max"] = "avg"  # the global pooling before the classifier
-    dropout: Probability = 0.0
-    # How the dropout inside the residual blocks drops: 0, unit by unit (nn.Dropout); an odd k, in k x k
-    # squares of each feature map (DropBlock, Ghiasi et al., 2018), which neighbouring units cannot fill in.
-    drop_block_size: Annotated[int, Field(strict=True, ge=0)] = 0
-    stochastic_depth: Probability = 0.0
+    dropout: Probability = 0.0  # inside every residual block, between its two convolutions
     head_dropout: Probability = 0.0  # before the classifier
-    # The first layer: a 3x3 "conv" with batch norm, or "whiten": a frozen 2x2 convolution set from the
-    # training images so that its outputs are decorrelated (see models.PatchWhitening).
-    stem: Literal["conv", "whiten"] = "conv"
-    # The classifier's outputs are multiplied by this (the DAWNBench ResNet-9 uses 0.125): small logits
-    # keep the softmax from saturating early, so the net grows confident more slowly.
-    logit_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    # How 3x3 convolutions start: "kaiming" (He et al., 2015), or "dirac": the same, with the first
-    # in_channels filters set to the identity (airbench), so that every conv first passes its input through
-    # and training starts from a net that already carries the image to the classifier.
-    # "torch": PyTorch's own default (uniform, bound 1/sqrt(fan_in)), weights about 2.4 times smaller than
-    # "kaiming"'s in a block. Batch norm follows every conv, so the scale does not change the function, but a
+    # How convolutions start: "kaiming" (He et al., 2015), or "torch": PyTorch's own default (uniform, bound
+    # 1/sqrt(fan_in)), weights about 2.4 times smaller than "kaiming"'s in a block. Batch norm follows every conv, so the scale does not change the function, but a
     # step of the same rate turns small weights further: the net learns faster at the same rate.
-    conv_init: Literal["kaiming", "dirac", "torch"] = "kaiming"
+    conv_init: Literal["kaiming", "torch"] = "kaiming"
     # The residual block: "basic", He et al.'s (the shortcut added before the last ReLU; the branch starts at
     # zero), or "resnet9", the DAWNBench ResNet-9's (x + ReLU(BN(conv(...))): the sum is not rectified).
     block: Literal["basic", "resnet9"] = "basic"
-    # Batch norm's training-mode statistics from groups of this many images instead of the whole batch
-    # (ghost batch norm, Hoffer et al., 2017): noisier statistics, noise that eval mode does not have. 0: off.
-    ghost_batch_size: Annotated[int, Field(strict=True, ge=0)] = 0
-
-    @model_validator(mode="after")
-    def _ghost_batches_have_statistics(self) -> "ResNetModelConfig":
-        if self.ghost_batch_size == 1:
-            raise ValueError("ghost_batch_size 1 would normalize every image by its own statistics: use 2 or more "
-                             "images per group (Hoffer et al. use 32), or 0 for batch norm over the whole batch")
-        return self
-
-    @model_validator(mode="after")
-    def _drop_blocks_are_centred(self) -> "ResNetModelConfig":
-        if self.drop_block_size and self.drop_block_size % 2 == 0:
-            raise ValueError(f"drop_block_size {self.drop_block_size}: a block has a centre, so its size is odd "
-                             "(1, 3, 5, ...), or 0 for unit-by-unit dropout")
-        if self.drop_block_size and not self.dropout:
-            raise ValueError(f"drop_block_size {self.drop_block_size} says how dropout drops, but dropout is 0: "
-                             "set dropout above 0, or drop_block_size to 0")
-        return self
 
     @model_validator(mode="after")
     def _strided_stages_need_a_block(self) -> "ResNetModelConfig":
@@ -125,7 +92,7 @@ class ResNetModelConfig(Strict):
 
 
 class OptimizerConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"]
+    name: Literal["sgd", "adam"]
     lr: Annotated[float, Field(gt=0.0, le=10.0)]
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
@@ -133,10 +100,6 @@ class OptimizerConfig(Strict):
     # What weight decay applies to: "all" parameters, or only the conv and linear "weights" (not batch
     # norm's scales and shifts nor biases, whose decay only fights batch norm's own rescaling).
     weight_decay_scope: Literal["all", "weights"] = "all"
-    # Batch norm's biases learn at lr times this (airbench uses 64): a shift moves the whole feature map,
-    # so it tolerates a large rate, and a fast one lets units find their thresholds in the first epochs.
-    # Their weight decay per step stays what the rest get (weight_decay divided by the same factor).
-    batch_norm_bias_lr_scale: Annotated[float, Field(gt=0.0, le=1000.0)] = 1.0
 
 
 class Recipe(Strict):
@@ -146,67 +109,41 @@ class Recipe(Strict):
         """What the seeds of one recipe share: the recipe without its seed (metrics/seeds.json records it).
         Options at their defaults are left out, as in `Config.fingerprint`: adding or removing an option
         that is off leaves the recipe, and the seeds trained with it, the same."""
-        return self.model_dump(mode="json", exclude={"seed"}, exclude_defaults=True)
+        recipe = self.model_dump(mode="json", exclude={"seed"}, exclude_defaults=True)
+        recipe["model"] = {"arch": self.model.arch, **recipe["model"]}  # the tag that tells the model configs apart
+        return recipe
 
     model: Annotated[BaselineModelConfig | ResNetModelConfig, Field(discriminator="arch")]
     epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)]
     batch_size: Annotated[int, Field(strict=True, ge=1)]
     optimizer: OptimizerConfig
-    schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    schedule: Literal["constant", "onecycle"] = "constant"
     # The length the schedule is planned for, in epochs (null: `epochs`). Longer than `epochs`, training stops
     # part-way down the curve: the rate is still high at the end, so the raw weights stay noisy (low running
     # accuracy) while the weight average, which is what is scored, is already good.
     schedule_epochs: Annotated[int, Field(strict=True, ge=1, le=10 * MAX_EPOCHS)] | None = None
     warmup_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # onecycle only
-    # onecycle and cosine: the rate the schedule ends at, as a fraction of its peak. Above 0 the raw weights
+    # onecycle: the rate the schedule ends at, as a fraction of its peak. Above 0 the raw weights
     # stay noisy to the end, which keeps their running accuracy low, while the weight average smooths the noise.
     final_lr_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     label_smoothing: Probability = 0.0
-    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
-    # In the last N epochs (all of them if N >= epochs), the scored weights are the uniform average of the
-    # weights after every step since those epochs began (SWA, Izmailov et al., 2018), not the EMA (or the
-    # raw weights) that earlier epochs score. Counted from the end, so that `-S epochs=3` still runs.
-    swa_epochs: Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)] | None = None
-    # 0: an EMA's batch-norm statistics are averaged with its weights. N > 0: the scored average's statistics
-    # are recomputed from N training images, in training mode, before each evaluation, so that they fit the
-    # averaged weights: the longer the average's horizon, the more averaged statistics lag behind its weights.
-    average_batch_norm_images: Annotated[int, Field(strict=True, ge=0)] = 0
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None  # None: the raw weights are scored
     seed: Annotated[int, Field(strict=True)]
-    # Which epoch's weights become the stage's model. "best_val_under_target": the best
+    # Which epoch's weights become the stage's model: the "last", or "best_val_under_target": the best
     # validation accuracy among epochs whose training accuracy (running, training mode)
     # stays below select_train_acc_max; falls back to the last epoch if none does.
-    select: Literal["last", "best_val", "best_val_under_target"] = "last"
+    select: Literal["last", "best_val_under_target"] = "last"
     select_train_acc_max: Annotated[float, Field(gt=0.0, le=1.0)] = 0.92
 
     @property
     def planned_epochs(self) -> int:
         return self.schedule_epochs or self.epochs
 
-    @property
-    def swa_start_epoch(self) -> int | None:
-        return None if self.swa_epochs is None else max(1, self.epochs - self.swa_epochs + 1)
-
     @model_validator(mode="after")
     def _schedule_covers_the_epochs(self) -> "Recipe":
         if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
             raise ValueError(f"schedule_epochs {self.schedule_epochs} is shorter than epochs {self.epochs}: the "
                              "schedule would end before training does; set it to epochs or more, or to null")
-        return self
-
-    @model_validator(mode="after")
-    def _swa_has_batch_norm_statistics(self) -> "Recipe":
-        if self.swa_epochs is not None and not self.average_batch_norm_images:
-            raise ValueError("swa_epochs needs average_batch_norm_images > 0: a uniform average of weights has no "
-                             "batch-norm statistics of its own, so they are recomputed from that many training "
-                             "images (5000 is plenty)")
-        return self
-
-    @model_validator(mode="after")
-    def _ghost_batches_are_smaller_than_the_batch(self) -> "Recipe":
-        ghost = getattr(self.model, "ghost_batch_size", 0)
-        if ghost and ghost >= self.batch_size:
-            raise ValueError(f"ghost_batch_size {ghost} is not smaller than batch_size {self.batch_size}: every batch "
-                             "would be one group, which is plain batch norm; set it below the batch size, or to 0")
         return self
 
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from pipeline.config import MAX_EPOCHS, Config
 from pipeline.data import Split
 from pipeline.device import memory_format, to_device_tensor
-from pipeline.train import predict, score
+from pipeline.scoring import predict, score
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -8,9 +8,7 @@ used). Rerun it after `dvc repro` or `python -m pipeline seeds` and commit the r
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import yaml
@@ -25,6 +23,7 @@ RESULTS = DOCS / "results.md"
 CURVES = DOCS / "learning_curves.png"
 TRIED = DOCS / "tried.csv"
 TRIED_PLOT = DOCS / "tried.png"
+TRIED_AT = "79cb33b"  # the last commit with configs/candidates/ and the options only they used
 SCREENS = DOCS / "screens"  # scripts/screen.py's tables (<grid>.csv) and their epochs (<grid>_epochs.csv)
 STAGE_MINUTES_GOAL = 15  # the time within which train_resnet is to meet the targets on a 2-core CPU with native bf16
 PIPELINE_MINUTES_GOAL = 30  # the same for the whole `dvc repro`, download to report
@@ -216,105 +215,6 @@ def update_readme(summary: list[str]) -> None:
     README.write_text(head + "\n".join(summary) + "\n" + text[end:])
 
 
-def epoch_values(client, run, key: str) -> dict[int, float]:
-    """A history.csv column of an MLflow training run, by epoch: under its MLflow name (tracking.EPOCH_METRICS),
-    or under the column's own name, which runs recorded before those names have."""
-    from pipeline import tracking
-
-    for name in (tracking.EPOCH_METRICS[key], key):
-        if name in run.data.metrics:
-            return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
-    return {}
-
-
-def export_tried(path: Path = TRIED) -> Path:
-    """Every train_resnet run in the tracking store (finished or stopped), one row each, to a CSV that
-    git keeps: what was tried, and how it did under the 92% rule. Rows already in the CSV whose runs
-    this store lacks (an earlier machine's store) are kept; a run in both is rewritten from the store."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pipeline import tracking
-
-    tracking.use_project_store()
-    client = MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    rows = []
-    for run in client.search_runs(experiments, filter_string="tags.`dvc.stage` = 'train_resnet'",
-                                  order_by=["attributes.start_time ASC"]):
-        if tracking.RELOGGED_FROM_TAG in run.data.tags:
-            continue  # log-run's record of a training that is listed already
-        history = pd.DataFrame({key: epoch_values(client, run, key)
-                                for key in ("train_acc", "train_eval_acc", "val_acc", "epoch_time_s")})
-        if history.empty:
-            continue
-        under = history[history["train_acc"] < 0.92]
-        best = under.loc[under["val_acc"].idxmax()] if len(under) else None
-        params = run.data.params
-
-        def param(key: str, default: str | None = None) -> str | None:
-            # Older runs hold `resnet.<key>` (and, from MLproject's former shortcut parameters, an `epochs`
-            # that is not the recipe's): the prefixed name wins where it exists.
-            return params.get(f"resnet.{key}", params.get(key, default))
-
-        rows.append({
-            "run": run.info.run_id[:8],
-            "model": model_description(param),
-            "seed": param("seed", "0"),
-            "dropout": param("model.dropout", "0.0")
-                       + (f" in {size}x{size} blocks" if (size := param("model.drop_block_size", "0")) != "0" else ""),
-            "head_dropout": param("model.head_dropout", "0.0"),
-            "batch_size": param("batch_size"), "lr": param("optimizer.lr"),
-            "weight_decay": param("optimizer.weight_decay"),
-            "final_lr_fraction": param("final_lr_fraction", "0.0"),
-            "average": scored_average(param),
-            "epochs_planned": planned if (planned := param("schedule_epochs", "None")) != "None" else param("epochs"),
-            "epochs_run": len(history),
-            "best_epoch_under_92": int(best.name) if best is not None else None,
-            "val_acc": best["val_acc"] if best is not None else None,
-            "train_running_acc": best["train_acc"] if best is not None else None,
-            "train_clean_subset_acc": best["train_eval_acc"] if best is not None else None,
-            "seconds": round(float(history["epoch_time_s"].sum())),
-            "precision": run.data.tags.get("precision"),
-        })
-    mlflow.set_tracking_uri(None)
-    tried = pd.DataFrame(rows)
-    if path.exists() and path.stat().st_size:
-        earlier = pd.read_csv(path, dtype={"run": str})
-        fresh, known = set(tried.get("run", [])), set(earlier["run"])
-        order = [*earlier["run"], *(run for run in tried.get("run", []) if run not in known)]
-        tried = (pd.concat([earlier[~earlier["run"].isin(fresh)], tried]).set_index("run").loc[order]
-                 .reset_index())  # a run keeps its place in the file; new ones come last
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tried.to_csv(path, index=False)
-    return path
-
-
-def model_description(param: Callable[..., str | None]) -> str:
-    """A run's ResNet in words, from its MLflow params: the layout, then whatever is not at its default."""
-    words = (f"width {param('model.width')} blocks {param('model.blocks')} "
-             f"{param('model.downsample', 'stride')}, {param('model.stem', 'conv')} stem")
-    if (scale := param("model.logit_scale", "1.0")) != "1.0":
-        words += f", logits x {scale}"
-    if param("model.block", "basic") == "resnet9":
-        words += ", ReLU inside the blocks (ResNet-9)"
-    if (init := param("model.conv_init", "kaiming")) != "kaiming":
-        words += {"dirac": ", dirac init", "torch": ", PyTorch's conv init"}.get(init, f", {init} init")
-    if (ghost := param("model.ghost_batch_size", "0")) != "0":
-        words += f", ghost batch norm of {ghost}"
-    if (bias_scale := param("optimizer.batch_norm_bias_lr_scale", "1.0")) != "1.0":
-        words += f", norm biases at {bias_scale} x lr"
-    return words
-
-
-def scored_average(param: Callable[..., str | None]) -> str:
-    """The weight average a run scored, in words, from its MLflow params."""
-    swa, ema = param("swa_epochs", "None"), param("ema_decay", "None")
-    average = f"SWA of the last {swa} epochs" if swa != "None" else f"EMA {ema}" if ema != "None" else "none"
-    images = param("average_batch_norm_images", "0")
-    return average + (f", batch norm from {images} images" if images != "0" and average != "none" else "")
-
-
 def tried_table(tried: pd.DataFrame) -> list[str]:
     """docs/tried.csv's rows as a markdown table."""
     lines = ["| run | model | seed | dropout / head | batch, peak lr, final lr, weight decay | average "
@@ -405,7 +305,7 @@ def write() -> Path:
     data_params = lock["stages"]["download"]["params"]["params.yaml"]
     resnet_params = lock["stages"]["train_resnet"]["params"]["params.yaml"]
     recipe = resnet_params["train.resnet"]
-    scored = scored_average(lambda key, default=None: str(recipe.get(key, default)))
+    scored = f"EMA {recipe['ema_decay']}" if recipe.get("ema_decay") else "the raw weights"
     seeds_file = paths.METRICS / "seeds.json"
     seeds = seeds_of_committed_recipe(json.loads(seeds_file.read_text()) if seeds_file.exists() else None, lock)
     goals = lock["stages"]["evaluate"]["params"]["params.yaml"]["evaluate"]["targets"]
@@ -465,10 +365,11 @@ def write() -> Path:
                   "the seeds of this one are not measured yet (`make seeds`).", ""]
     if TRIED.exists():
         tried = pd.read_csv(TRIED, dtype={"run": str})  # ids such as 0e123456 stay text
-        lines += ["## What was tried", "", "Every `train_resnet` run of the full data on the project's 2-core CPU "
-                  "machines (fp32 unless the seconds say bf16), from their MLflow stores (`python -m "
-                  "pipeline.results --tried` adds the store's runs to `docs/tried.csv`); a run stopped early shows "
-                  "the epochs it ran.", "", *tried_table(tried), ""]
+        lines += ["## What was tried", "", "The `train_resnet` runs of the full data on the project's 2-core CPU "
+                  "machines (fp32 unless the seconds say bf16) that chose the recipes before the margin round "
+                  "(`docs/tried.csv`); a run stopped early shows the epochs it ran. Their configurations, and the "
+                  f"options they tried that the pipeline has since dropped, last lived at commit {TRIED_AT} "
+                  f"(`git show {TRIED_AT}:configs/candidates/`).", "", *tried_table(tried), ""]
         plots.tried_runs(tried, goals["val_acc_min"], goals["train_acc_max"],
                          STAGE_MINUTES_GOAL).savefig(TRIED_PLOT, dpi=100)
         lines += [f"![validation accuracy against minutes of training, the finished runs above that had an epoch "
@@ -487,6 +388,4 @@ def write() -> Path:
 
 
 if __name__ == "__main__":
-    if "--tried" in sys.argv[1:]:
-        print(f"wrote {export_tried()}")
     print(f"wrote {write()}")

@@ -17,13 +17,14 @@ import logging
 import os
 import platform
 import re
+import sqlite3
 import subprocess
 import sys
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -33,12 +34,15 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from pipeline import models, paths, plots
+from pipeline import paths
 from pipeline.config import Config, flatten
 from pipeline.data import Split
 from pipeline.errors import PipelineError
 from pipeline.paths import MODEL_NAMES
 from pipeline.device import device_name
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 GROUP_TAG = "pipeline.group"
 PARENT_TAG = "pipeline.parent"
@@ -120,6 +124,18 @@ def use_project_store() -> None:
         return
     root = Path.cwd().resolve().as_posix().split("/.dvc/tmp/exps/")[0]
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+
+
+def backup_store(target: Path) -> None:
+    """A consistent copy of a sqlite tracking store (sqlite's backup API), so that it can travel mid-run;
+    nothing for a tracking server."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    with sqlite3.connect(uri.removeprefix("sqlite:///")) as source, sqlite3.connect(tmp) as copy:
+        source.backup(copy)
+    tmp.replace(target)
 
 
 def require_tracking(stage: str) -> str:
@@ -472,24 +488,21 @@ def record_inputs(config: Config, name: str, splits: dict[str, Split], stats: di
         do("the datasets", log_datasets, splits, stats, str(paths.NORMALIZED))
 
 
-def record_outputs(config: Config, name: str, example: np.ndarray, do=call) -> str | None:
+def record_outputs(config: Config, name: str, curves: Figure, model: torch.nn.Module | None, example: np.ndarray,
+                   do=call) -> str | None:
     """What a finished training stage recorded in its DVC outputs, recorded in MLflow: the kept epoch's
-    metrics (metrics/<name>.json), the selection tags, history.csv, the learning curves and, if
-    train.log_model, the model (models/<name>/model.pt; its URI is returned). The per-epoch metrics are not among them:
-    the stage logs each epoch as it ends, log-run replays history.csv (`record_epochs`)."""
+    metrics (metrics/<name>.json), the selection tags, history.csv, the learning curves drawn from it and, if
+    given, the model loaded from models/<name>/model.pt (its URI is returned). The per-epoch metrics are not
+    among them: the stage logs each epoch as it ends, log-run replays history.csv (`record_epochs`)."""
     recipe = getattr(config.train, name)
     summary = json.loads(paths.metrics_file(name).read_text())
-    history = pd.read_csv(paths.history_file(name))
     do("the selected epoch's metrics", mlflow.log_metrics, {SELECTED_METRICS[k]: summary[k] for k in SELECTED_METRICS})
     do("the selection tags", mlflow.set_tags, {"select": f"{recipe.select} -> epoch {summary['selected_epoch']}",
                                                "selected_epoch": summary["selected_epoch"],
                                                "parameters": summary["parameters"]})
     do("history.csv", mlflow.log_artifact, str(paths.history_file(name)))
-    do("the learning curves", mlflow.log_figure, plots.learning_curves({name: history}), "learning_curves.png")
-    if not config.train.log_model:
-        return None
-    model, _ = models.load(paths.model_file(name), recipe.model, f"train_{name}")
-    return do("the model", log_model, model, example)
+    do("the learning curves", mlflow.log_figure, curves, "learning_curves.png")
+    return None if model is None else do("the model", log_model, model, example)
 
 
 def record_epochs(history: pd.DataFrame) -> None:

@@ -9,7 +9,6 @@ hears of it and the `Checkpoint` is written. Device and precision live in pipeli
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
@@ -20,7 +19,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -30,10 +28,10 @@ from pipeline import distributed
 from pipeline.config import Recipe, TrainSection
 from pipeline.data import Split
 from pipeline.device import autocast, memory_format, select_device, to_device_tensor, uses_bf16
-from pipeline.models import build_model, fit_to_data
+from pipeline.models import build_model
+from pipeline.scoring import predict, score
 
 CHECKPOINT_VERSION = 6  # raised whenever what a checkpoint holds changes: an older one is not resumed
-WHITENING_IMAGES = 5000  # training images whose patches set a whitening stem
 PROGRESS_LINE_EVERY_S = 30.0  # where no progress bar can be drawn (under DVC), a plain line this often
 
 
@@ -47,42 +45,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int, bf16: bool = False) -> Tensor:
-    """Logits (float32) for images already on the model's device, in eval mode."""
-    model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        with autocast(images.device, bf16):
-            outputs.append(model(images[start:start + batch_size]).float())
-    return torch.cat(outputs)
-
-
-def score(logits: Tensor, labels: Tensor) -> tuple[float, float]:
-    """(cross-entropy loss, accuracy) without label smoothing, so both models are comparable."""
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
-
-
 def parameter_groups(model: nn.Module, cfg: Recipe) -> list[dict]:
     """One group, or two when weight decay applies to weights only: tensors of one dimension (biases,
-    batch norm's scales and shifts) get none. With batch_norm_bias_lr_scale, batch norm's biases form
-    a group of their own whose rate is that many times the others' ("lr_scale", which the schedule reads)."""
-    o, scale = cfg.optimizer, cfg.optimizer.batch_norm_bias_lr_scale
-    fast = []
-    if scale != 1.0:
-        fast = [m.bias for m in model.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None and m.bias.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad and not any(p is b for b in fast)]
-    if o.weight_decay_scope == "all":
-        groups = [{"params": params}]
-    else:
-        groups = [{"params": [p for p in params if p.ndim > 1]},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if fast:
-        decay = o.weight_decay if o.weight_decay_scope == "all" else 0.0
-        groups.append({"params": fast, "lr": o.lr * scale, "lr_scale": scale,
-                       "weight_decay": decay / scale})  # the same decay per step as the rest
-    return groups
+    batch norm's scales and shifts) get none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer.weight_decay_scope == "all":
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def make_optimizer(cfg: Recipe, params) -> torch.optim.Optimizer:
@@ -90,27 +60,19 @@ def make_optimizer(cfg: Recipe, params) -> torch.optim.Optimizer:
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
                                weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
 def make_schedule(cfg: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Stepped once per batch. Every parameter group follows the same curve, scaled by its own peak
-    (the optimizer's lr times the group's "lr_scale")."""
-    floor = cfg.final_lr_fraction
-    if cfg.schedule == "cosine":  # a factor on each group's rate: CosineAnnealingLR has one floor for all groups
-        def cosine(step: int) -> float:
-            return floor + (1 - floor) * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)) / 2
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    """Stepped once per batch: a one-cycle from peak / 25 up to `lr` and down to `final_lr_fraction` of
+    it, or a constant rate."""
     if cfg.schedule == "onecycle":
-        start = 25.0  # OneCycleLR's div_factor: the first step's rate is peak / 25
+        start, floor = 25.0, cfg.final_lr_fraction  # OneCycleLR's div_factor: the first step's rate is peak / 25
         warmup = cfg.warmup_fraction
         if round(warmup * total_steps, 9) == 1:  # a one-step warm-up makes OneCycleLR divide by zero
             warmup = 0.5 / total_steps  # no warm-up: the first step is near the peak
-        peaks = [cfg.optimizer.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=warmup, div_factor=start,
+            optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps, pct_start=warmup, div_factor=start,
             final_div_factor=1 / (start * floor) if floor else 1e4,  # ends at peak / (start * final_div_factor)
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -157,42 +119,8 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel:
     return averaged
 
 
-def uniform_average(model: nn.Module) -> AveragedModel:
-    """SWA: the plain mean of the weights `update_parameters` is given, from the first on. Its batch-norm
-    statistics are not averaged (each update copies the model's): they are recomputed before it is scored."""
-    averaged = AveragedModel(model, use_buffers=False)
-    averaged.requires_grad_(False)
-    return averaged
-
-
-def average_after(model: nn.Module, cfg: Recipe, epoch: int) -> AveragedModel | None:
-    """An empty average of the kind that stands after epoch `epoch` (0: before training), for a fresh run
-    to start with or a checkpoint to fill: the SWA from swa_start_epoch on, the EMA before it, or None."""
-    if cfg.swa_start_epoch is not None and epoch >= cfg.swa_start_epoch:
-        return uniform_average(model)
-    return weight_average(model, cfg.ema_decay) if cfg.ema_decay else None
-
-
-@torch.no_grad()
-def recompute_batch_norm(model: nn.Module, images: Tensor, batch_size: int, bf16: bool = False) -> None:
-    """Batch norm's running statistics of `model`, replaced by the average over `images` (training mode,
-    as training computes them). Dropout draws from the global RNG, which each epoch reseeds."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches
-    model.train()
-    for start in range(0, len(images), batch_size):
-        with autocast(images.device, bf16):
-            model(images[start:start + batch_size])
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    model.eval()
-
-
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """Seeds the global RNG (dropout, stochastic depth) per epoch and rank: a resumed run needs no saved RNG state."""
+    """Seeds the global RNG (dropout) per epoch and rank: a resumed run needs no saved RNG state."""
     return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
@@ -216,8 +144,8 @@ def process_batches(n: int, batch_size: int, seed: int, epoch: int, device: torc
 class Selection:
     """The selection rule: which epoch's scored weights the stage keeps (`select` in params).
 
-    "last" keeps the last epoch; "best_val" the best validation accuracy; "best_val_under_target" the
-    best validation accuracy among epochs whose running training accuracy is under the bound.
+    "last" keeps the last epoch; "best_val_under_target" the best validation accuracy among epochs whose
+    running training accuracy is under the bound.
     """
 
     rule: str
@@ -381,19 +309,16 @@ def clean_subset(x: Tensor, y: Tensor, size: int, seed: int) -> tuple[Tensor, Te
     return x[pick], y[pick]
 
 
-def build_networks(cfg: Recipe, settings: TrainSection, device: torch.device, x_train: Tensor,
-                   fresh: bool) -> tuple[nn.Module, nn.Module]:
+def build_networks(cfg: Recipe, settings: TrainSection, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(model, net): the model whose weights are averaged, scored and saved, and what the training
     steps call: the model itself, or its DistributedDataParallel and compiled wrappers."""
     model = build_model(cfg.model).to(device, memory_format=memory_format(device))
-    if fresh:
-        fit_to_data(model, x_train[:WHITENING_IMAGES])  # a resumed run takes these from its checkpoint
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not settings.deterministic
     net = model
     if distributed.context().enabled:
-        # Batch statistics over the global batch, as in one process; ghost batches are groups within a process.
-        if device.type == "cuda" and not getattr(cfg.model, "ghost_batch_size", 0):
+        # Batch statistics over the global batch, as in one process.
+        if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if settings.compile:
@@ -438,16 +363,14 @@ def fit(
     bf16 = uses_bf16(settings.precision, device)
     x_train, y_train = to_device_tensor(train, device)
     x_val, y_val = to_device_tensor(val, device)
-    model, net = build_networks(cfg, settings, device, x_train, fresh=resume is None)
+    model, net = build_networks(cfg, settings, device)
     x_eval, y_eval = clean_subset(x_train, y_train, settings.eval_train_size, cfg.seed)
-    x_norm = clean_subset(x_train, y_train, cfg.average_batch_norm_images, cfg.seed)[0] \
-        if cfg.average_batch_norm_images else None  # training images whose batch statistics the average takes
 
     steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
     optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
     schedule = make_schedule(cfg, optimizer, cfg.planned_epochs * steps_per_epoch)
     first_epoch = resume["epoch"] + 1 if resume else 1
-    average = average_after(model, cfg, first_epoch - 1)
+    average = weight_average(model, cfg.ema_decay) if cfg.ema_decay else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     selection = Selection(cfg.select, cfg.select_train_acc_max)
     history = []
@@ -463,16 +386,11 @@ def fit(
     scored = average.module if average is not None else model  # the weights evaluated and selected
 
     for epoch in range(first_epoch, cfg.epochs + 1):
-        if epoch == cfg.swa_start_epoch:
-            average = uniform_average(model)
-            scored = average.module
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
         epoch_batches = process_batches(len(y_train), cfg.batch_size, cfg.seed, epoch, device)
         running = train_epoch(net, model, criterion, optimizer, schedule, average, x_train, y_train, epoch_batches,
                               bf16, f"epoch {epoch}/{cfg.epochs}", progress and ctx.is_main)
-        if average is not None and x_norm is not None:  # statistics that fit the averaged weights
-            recompute_batch_norm(scored, x_norm, cfg.batch_size, bf16)
         scores = evaluate(scored, x_eval, y_eval, x_val, y_val, settings.eval_batch_size, bf16)
         record = {"epoch": epoch, "train_loss": running["train_loss"], "train_acc": running["train_acc"], **scores,
                   "lr": running["lr"], "epoch_time_s": time.perf_counter() - started,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -28,10 +27,8 @@ import tarfile
 import time
 from pathlib import Path
 
-import mlflow
-
 from pipeline import config as config_module
-from pipeline import paths
+from pipeline import paths, tracking
 from pipeline.stages import download, evaluate, normalize, train
 
 RECIPE = Path("configs/problem_recipe.yaml")
@@ -123,7 +120,7 @@ class Sweep:
             {"summary": {name: summarize(runs) for name, runs in self.results.items()}, "runs": self.results,
              "times": self.times, "skipped": self.skipped, "pipeline_s": self.pipeline_s, "bench": self.bench},
             indent=2, default=str))
-        backup_tracking_store(self.out / "mlflow.db")
+        tracking.backup_store(self.out / "mlflow.db")
 
 
 def leading(first_runs: dict[str, dict], val_acc_min: float, train_acc_max: float) -> str:
@@ -142,17 +139,6 @@ def summarize(runs: list[dict]) -> dict:
                 "values": [r[k] for r in runs]} for k in FIGURES}
 
 
-def backup_tracking_store(target: Path) -> None:
-    """A consistent copy of a sqlite tracking store (sqlite's backup API), so that it can travel mid-run."""
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return
-    tmp = target.with_name(target.name + ".tmp")
-    with sqlite3.connect(uri.removeprefix("sqlite:///")) as source, sqlite3.connect(tmp) as copy:
-        source.backup(copy)
-    tmp.replace(target)
-
-
 def pack_outputs(target: Path) -> None:
     """The pipeline's metrics, plots and report as they stand now (the first seed's)."""
     with tarfile.open(target, "w:gz") as tar:
@@ -166,8 +152,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--md5", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--candidates", nargs="*", default=sorted(map(str, Path("configs/candidates").glob("*.yaml"))),
-                        help="other ResNet configurations (overlays), one run each (default: configs/candidates/)")
+    parser.add_argument("--candidates", nargs="*", default=sorted(str(p) for p in Path("configs").glob("*.yaml")
+                                                                  if p != RECIPE),
+                        help="other ResNet configurations (overlays), one run each (default: the named "
+                             "configurations in configs/ but the problem's recipe)")
     parser.add_argument("--no-compile-timing", dest="compile_timing", action="store_false",
                         help="skip the extra run of the first seed with train.compile=true")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])

@@ -29,11 +29,8 @@ import yaml
 
 from pipeline import config as config_module
 from pipeline.compute import training_flops
-from pipeline import paths
+from pipeline import paths, tracking
 from pipeline.stages import download, normalize, train
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from acceptance import backup_tracking_store  # noqa: E402  (scripts/ is this file's folder)
 
 
 EXPERIMENT = "cifar10-screening"
@@ -107,7 +104,7 @@ def main(argv: list[str]) -> int:
                   f"epoch {metrics['selected_epoch']} ({seconds:.0f} s)", flush=True)
             pd.DataFrame(rows).to_csv(args.out / f"{args.grid.stem}.csv", index=False)
             pd.concat(epochs).to_csv(args.out / f"{args.grid.stem}_epochs.csv", index=False)
-            backup_tracking_store(args.out / "mlflow.db")
+            tracking.backup_store(args.out / "mlflow.db")
     if rows:
         print(pd.DataFrame(rows).drop(columns="changes").to_string(index=False))
     return 0

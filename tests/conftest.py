@@ -125,7 +125,7 @@ def tiny_params(url: str, md5: str, **sections) -> dict:
     params["train"]["baseline"].update(
         model={"arch": "baseline", "widths": [4, 8], "hidden": 16}, epochs=2, batch_size=32)
     params["train"]["resnet"].update(
-        model={"arch": "resnet", "width": 4, "blocks": [1, 1], "dropout": 0.1, "stochastic_depth": 0.1},
+        model={"arch": "resnet", "width": 4, "blocks": [1, 1], "dropout": 0.1, "head_dropout": 0.1},
         epochs=2, batch_size=32, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
                                             "weight_decay": 5e-4})
     for section, values in sections.items():

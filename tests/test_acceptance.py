@@ -44,14 +44,14 @@ def acceptance(tmp_path, archive_url, tiny_archive):
 
 def test_acceptance_run_writes_the_table_histories_outputs_and_tracking_store(acceptance):
     run, out = acceptance
-    done = run("--seeds", "0", "1", "--candidates", "configs/candidates/wider.yaml", "--no-compile-timing")
+    done = run("--seeds", "0", "1", "--candidates", "configs/width_24_9_epochs.yaml", "--no-compile-timing")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     # The second seed goes to whichever of the default and the candidate did better with the first.
-    leader = acceptance_module.leading({name: runs[name][0] for name in (DEFAULT, "candidate wider")}, 0.85, 0.92)
-    other = "candidate wider" if leader == DEFAULT else DEFAULT
+    leader = acceptance_module.leading({name: runs[name][0] for name in (DEFAULT, "candidate width_24_9_epochs")}, 0.85, 0.92)
+    other = "candidate width_24_9_epochs" if leader == DEFAULT else DEFAULT
     counts = {name: len(group) for name, group in runs.items()}
     assert counts == {"baseline": 1, "problem recipe": 1, leader: 2, other: 1}
     assert results["skipped"] == []
@@ -63,9 +63,9 @@ def test_acceptance_run_writes_the_table_histories_outputs_and_tracking_store(ac
     table = (out / "results.md").read_text()
     assert f"| {leader} (n=2) |" in table and "| problem recipe (n=1) |" in table
     assert "fraction of bf16 peak" in table and "the problem's recipe" in table
-    second = "seed_1.csv" if leader == DEFAULT else "candidate_wider_seed_1.csv"
+    second = "seed_1.csv" if leader == DEFAULT else "candidate_width_24_9_epochs_seed_1.csv"
     assert sorted(p.name for p in (out / "histories").iterdir()) == sorted([
-        "baseline.csv", "candidate_wider.csv", "problem_recipe.csv", "seed_0.csv", second])
+        "baseline.csv", "candidate_width_24_9_epochs.csv", "problem_recipe.csv", "seed_0.csv", second])
     with tarfile.open(out / "outputs.tar.gz") as tar:
         assert {"metrics/evaluate.json", "reports/report.md"} <= set(tar.getnames())
     assert (out / "report.md").read_text().startswith("#")
@@ -76,13 +76,13 @@ def test_acceptance_run_writes_the_table_histories_outputs_and_tracking_store(ac
 
 def test_acceptance_run_skips_what_would_pass_the_budget_and_says_so(acceptance):
     run, out = acceptance
-    done = run("--seeds", "0", "1", "--candidates", "configs/candidates/wider.yaml", "--budget-s", "0")
+    done = run("--seeds", "0", "1", "--candidates", "configs/width_24_9_epochs.yaml", "--budget-s", "0")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     # The pipeline itself always runs; everything after it would pass a zero budget.
     assert list(results["runs"]) == ["baseline", "resnet (default params)"]
-    assert results["skipped"] == ["problem recipe", "bench", "candidate wider", "seed 1", "compiled"]
-    assert "Skipped for the time budget: problem recipe, bench, candidate wider, seed 1, compiled" in (
+    assert results["skipped"] == ["problem recipe", "bench", "candidate width_24_9_epochs", "seed 1", "compiled"]
+    assert "Skipped for the time budget: problem recipe, bench, candidate width_24_9_epochs, seed 1, compiled" in (
         out / "results.md").read_text()
 
 

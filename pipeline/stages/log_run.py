@@ -14,7 +14,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from pipeline import data, models, paths, tracking
+from pipeline import data, models, paths, plots, tracking
 from pipeline.config import Config
 from pipeline.errors import ModelFileError
 
@@ -27,7 +27,7 @@ def run(config: Config, name: str) -> str:
         if not needed.exists():
             raise ModelFileError(f"{needed} not found: {stage} has not finished, there is nothing to log "
                                  f"(run it: dvc repro {stage})")
-    models.load_trained(config, name)  # log-run records the params it is given: they must be the model's
+    model, _ = models.load_trained(config, name)  # log-run records the params it is given: they must be the model's
     history = pd.read_csv(paths.history_file(name))
     tracking_file = paths.model_tracking_file(name)
     previous = json.loads(tracking_file.read_text()) if tracking_file.exists() else {}
@@ -42,7 +42,9 @@ def run(config: Config, name: str) -> str:
             # What the stage records as it runs, from the same files and through the same functions.
             tracking.record_inputs(config, name, splits, stats)
             tracking.record_epochs(history)
-            model_uri = tracking.record_outputs(config, name, splits["val"].images[:4].astype("float32"))
+            model_uri = tracking.record_outputs(config, name, plots.learning_curves({name: history}),
+                                                model if config.train.log_model else None,
+                                                splits["val"].images[:4].astype("float32"))
     except Exception as exc:  # the server went away again: nothing local changed, so simply rerun
         raise tracking.TrackingError(
             f"log-run {name} failed against {tracking.shown_uri()}: {tracking.failure_reason(exc)}. "

@@ -8,7 +8,7 @@ import json
 import mlflow
 import pandas as pd
 
-from pipeline import data, distributed, models, paths, tracking
+from pipeline import data, distributed, models, paths, plots, tracking
 from pipeline.config import Config, Recipe
 from pipeline.device import select_device
 from pipeline.train import Checkpoint, FitResult, fit
@@ -73,7 +73,9 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
         # The DVC outputs come first: a tracking failure after this point loses no trained model.
         summary = write_outputs(name, train_cfg, result, key)
         # Recorded from the files just written, as log-run records them.
-        model_uri = tracking.record_outputs(config, name, val.images[:4].astype("float32"), do=log.do)
+        curves = plots.learning_curves({name: pd.read_csv(paths.history_file(name))})
+        model = models.load_trained(config, name)[0] if config.train.log_model else None
+        model_uri = tracking.record_outputs(config, name, curves, model, val.images[:4].astype("float32"), do=log.do)
     # After the run's end, so that `complete` covers every record, the end included.
     with paths.replacing(paths.model_tracking_file(name)) as tmp:
         tmp.write_text(json.dumps({"run_id": run.info.run_id, "model_uri": model_uri,
