@@ -37,6 +37,11 @@ def pct(value: float) -> str:
     return f"{value:.2%}"
 
 
+def markdown(rows: list[dict]) -> list[str]:
+    """Rows of already formatted cells as a markdown table, one line per row (pandas and tabulate)."""
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True).splitlines()
+
+
 def data_source(md5: str) -> str:
     if md5 == OFFICIAL_MD5:
         return "the official CIFAR-10 archive"
@@ -59,11 +64,8 @@ def before_after(evaluated: dict, trained: dict[str, dict]) -> list[str]:
         "seconds per epoch": lambda m, t: f"{m['train_time_s'] / t['epochs']:.1f} s",
         "training images per second (median epoch)": lambda m, t: f"{t['images_per_s']:,.0f}",
     }
-    lines = ["| figure | baseline CNN (before) | ResNet (after) |", "|---|---|---|"]
-    for label, show in rows.items():
-        lines.append(f"| {label} | {show(evaluated['baseline'], trained['baseline'])} | "
-                     f"{show(evaluated['resnet'], trained['resnet'])} |")
-    return lines
+    return markdown([{"figure": label, "baseline CNN (before)": show(evaluated["baseline"], trained["baseline"]),
+                      "ResNet (after)": show(evaluated["resnet"], trained["resnet"])} for label, show in rows.items()])
 
 
 def targets(evaluated: dict) -> list[str]:
@@ -75,13 +77,10 @@ def targets(evaluated: dict) -> list[str]:
 
 def epochs_table(history: pd.DataFrame, selected: int, subset_size: int) -> list[str]:
     subset = f"{subset_size:,}-image subset" if subset_size else "whole train split"
-    lines = [f"| epoch | running train acc | clean train acc ({subset}) | val acc | val loss | lr | s |",
-             "|---|---|---|---|---|---|---|"]
-    for row in history.itertuples():
-        mark = " (kept)" if row.epoch == selected else ""
-        lines.append(f"| {row.epoch}{mark} | {pct(row.train_acc)} | {pct(row.train_eval_acc)} | {pct(row.val_acc)} | "
-                     f"{row.val_loss:.3f} | {row.lr:.4f} | {row.epoch_time_s:.0f} |")
-    return lines
+    return markdown([{"epoch": f"{row.epoch}{' (kept)' if row.epoch == selected else ''}",
+                      "running train acc": pct(row.train_acc), f"clean train acc ({subset})": pct(row.train_eval_acc),
+                      "val acc": pct(row.val_acc), "val loss": f"{row.val_loss:.3f}", "lr": f"{row.lr:.4f}",
+                      "s": f"{row.epoch_time_s:.0f}"} for row in history.itertuples()])
 
 
 def selection_note(history: pd.DataFrame, selected: int, rule: str, train_acc_max: float) -> str:
@@ -107,14 +106,11 @@ def pipeline_time_section(timed: dict) -> list[str]:
         f"stages counts with the stage before it. **{total / 60:.1f} min in all**, "
         f"{'within' if total <= PIPELINE_MINUTES_GOAL * 60 else '**over**'} the {PIPELINE_MINUTES_GOAL}-minute goal.",
         "",
-        "| stage | seconds | minutes |",
-        "|---|---|---|",
     ]
-    for stage, seconds in timed["stages_s"].items():
-        name = "DVC start-up" if stage == "dvc" else f"`{stage}`"
-        lines.append(f"| {name} | {seconds:,.0f} | {seconds / 60:.1f} |")
-    lines.append(f"| all | {total:,.0f} | {total / 60:.1f} |")
-    return lines
+    stages = {"DVC start-up" if stage == "dvc" else f"`{stage}`": seconds
+              for stage, seconds in timed["stages_s"].items()}
+    return lines + markdown([{"stage": name, "seconds": f"{seconds:,.0f}", "minutes": f"{seconds / 60:.1f}"}
+                             for name, seconds in {**stages, "all": total}.items()])
 
 
 def aggregated_seeds(seeds: dict) -> list[dict]:
@@ -124,22 +120,19 @@ def aggregated_seeds(seeds: dict) -> list[dict]:
 
 
 def seeds_table(seeds: dict) -> list[str]:
-    lines = ["| seed | precision | val acc | test acc | running train acc | clean train acc | kept epoch | "
-             "training time | machine |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in seeds["seeds"]:
-        lines.append(f"| {row['seed']} | {row.get('precision', 'bf16')} | {pct(row['val_acc'])} | "
-                     f"{pct(row['test_acc'])} | {pct(row['train_running_acc'])} | {pct(row['train_acc'])} | "
-                     f"{row['selected_epoch']} | {row['train_time_s']:,.0f} s | {row.get('machine') or '?'} |")
+    accuracies = {"val acc": "val_acc", "test acc": "test_acc", "running train acc": "train_running_acc",
+                  "clean train acc": "train_acc"}
+    rows = [{"seed": row["seed"], "precision": row.get("precision", "bf16"),
+             **{name: pct(row[key]) for name, key in accuracies.items()}, "kept epoch": row["selected_epoch"],
+             "training time": f"{row['train_time_s']:,.0f} s", "machine": row.get("machine") or "?"}
+            for row in seeds["seeds"]]
     mean, std = seeds["mean"], seeds["std"]
-    lines.append(f"| mean ± std ({len(aggregated_seeds(seeds))} seeds) | "
-                 f"{seeds.get('aggregated_precision') or 'all'} | "
-                 f"{pct(mean['val_acc'])} ± {std['val_acc'] * 100:.2f} | "
-                 f"{pct(mean['test_acc'])} ± {std['test_acc'] * 100:.2f} | "
-                 f"{pct(mean['train_running_acc'])} ± {std['train_running_acc'] * 100:.2f} | "
-                 f"{pct(mean['train_acc'])} ± {std['train_acc'] * 100:.2f} | {mean['selected_epoch']:.1f} | "
-                 f"{mean['train_time_s']:,.0f} s | |")
-    return lines
+    rows.append({"seed": f"mean ± std ({len(aggregated_seeds(seeds))} seeds)",
+                 "precision": seeds.get("aggregated_precision") or "all",
+                 **{name: f"{pct(mean[key])} ± {std[key] * 100:.2f}" for name, key in accuracies.items()},
+                 "kept epoch": f"{mean['selected_epoch']:.1f}", "training time": f"{mean['train_time_s']:,.0f} s",
+                 "machine": ""})
+    return markdown(rows)
 
 
 def params_block(lock: dict) -> list[str]:
@@ -169,23 +162,20 @@ def readme_summary(evaluated: dict, trained: dict[str, dict], seeds: dict | None
     """The short table of the README: the committed run, the seeds when they are there, and the whole
     pipeline's time when bench/repro_time.py has measured it."""
     b, r = evaluated["baseline"], evaluated["resnet"]
-    lines = [
-        "| seed 0, `dvc repro` | running train acc | clean train acc | val acc | test acc | epochs | training time |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in (("baseline CNN (before)", b), ("ResNet (after)", r)):
-        key = "baseline" if m is b else "resnet"
-        lines.append(f"| {name} | {pct(m['train_running_acc'])} | {pct(m['train_acc'])} | {pct(m['val_acc'])} | "
-                     f"{pct(m['test_acc'])} | {m['selected_epoch']} of {trained[key]['epochs']} | "
-                     f"{m['train_time_s'] / 60:.1f} min |")
+    accuracies = {"running train acc": "train_running_acc", "clean train acc": "train_acc", "val acc": "val_acc",
+                  "test acc": "test_acc"}
+    rows = [{"seed 0, `dvc repro`": name, **{column: pct(m[key]) for column, key in accuracies.items()},
+             "epochs": f"{m['selected_epoch']} of {trained[model]['epochs']}",
+             "training time": f"{m['train_time_s'] / 60:.1f} min"}
+            for name, model, m in (("baseline CNN (before)", "baseline", b), ("ResNet (after)", "resnet", r))]
     if seeds is not None:
         mean, std = seeds["mean"], seeds["std"]
-        lines.append(f"| ResNet, seeds {', '.join(str(s['seed']) for s in aggregated_seeds(seeds))} (mean ± std) | "
-                     f"{pct(mean['train_running_acc'])} ± {std['train_running_acc'] * 100:.2f} | "
-                     f"{pct(mean['train_acc'])} ± {std['train_acc'] * 100:.2f} | "
-                     f"{pct(mean['val_acc'])} ± {std['val_acc'] * 100:.2f} | "
-                     f"{pct(mean['test_acc'])} ± {std['test_acc'] * 100:.2f} | {mean['selected_epoch']:.1f} | "
-                     f"{mean['train_time_s'] / 60:.1f} min |")
+        listed = ", ".join(str(row["seed"]) for row in aggregated_seeds(seeds))
+        rows.append({"seed 0, `dvc repro`": f"ResNet, seeds {listed} (mean ± std)",
+                     **{column: f"{pct(mean[key])} ± {std[key] * 100:.2f}" for column, key in accuracies.items()},
+                     "epochs": f"{mean['selected_epoch']:.1f}",
+                     "training time": f"{mean['train_time_s'] / 60:.1f} min"})
+    lines = markdown(rows)
     machine = evaluated.get("machine", {})
     held = evaluated["all_targets_hold"]
     if seeds is not None and goals and val_size:
@@ -217,19 +207,20 @@ def update_readme(summary: list[str]) -> None:
 
 def tried_table(tried: pd.DataFrame) -> list[str]:
     """docs/tried.csv's rows as a markdown table."""
-    lines = ["| run | model | seed | dropout / head | batch, peak lr, final lr, weight decay | average "
-             "| epochs run / planned | best epoch with running < 92% | val acc | running / clean (subset) train acc "
-             "| seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for row in tried.itertuples():
-        figures = (f"{row.best_epoch_under_92:.0f} | {pct(row.val_acc)} | {pct(row.train_running_acc)} / "
-                   f"{pct(row.train_clean_subset_acc)}") if row.val_acc == row.val_acc else "none | | "
-        lines.append(f"| `{row.run}` | {row.model} | {getattr(row, 'seed', '')} | "
-                     f"{row.dropout} / {row.head_dropout} | {row.batch_size}, {row.lr}, "
-                     f"{row.final_lr_fraction} x peak, {getattr(row, 'weight_decay', '')} | {row.average} | "
-                     f"{row.epochs_run} / {row.epochs_planned} | {figures} | {row.seconds:,}"
-                     f"{precision_note(getattr(row, 'precision', None))} |")
-    return lines
+        finished = row.val_acc == row.val_acc  # NaN: no epoch under the bound
+        rows.append({"run": f"`{row.run}`", "model": row.model, "seed": getattr(row, "seed", ""),
+                     "dropout / head": f"{row.dropout} / {row.head_dropout}",
+                     "batch, peak lr, final lr, weight decay": f"{row.batch_size}, {row.lr}, {row.final_lr_fraction} x "
+                                                               f"peak, {getattr(row, 'weight_decay', '')}",
+                     "average": row.average, "epochs run / planned": f"{row.epochs_run} / {row.epochs_planned}",
+                     "best epoch with running < 92%": f"{row.best_epoch_under_92:.0f}" if finished else "none",
+                     "val acc": pct(row.val_acc) if finished else "",
+                     "running / clean (subset) train acc": f"{pct(row.train_running_acc)} / "
+                                                           f"{pct(row.train_clean_subset_acc)}" if finished else "",
+                     "seconds": f"{row.seconds:,}{precision_note(getattr(row, 'precision', None))}"})
+    return markdown(rows)
 
 
 def machine_precision(machine: dict) -> str:
@@ -249,14 +240,14 @@ def screen_table(screen: pd.DataFrame) -> list[str]:
         val_acc=("val_acc", "mean"), train_running_acc=("train_running_acc", "mean"),
         train_clean_subset_acc=("train_clean_subset_acc", "mean"), selected_epoch=("selected_epoch", "max"),
         epochs=("epochs", "first"), seconds=("seconds", "mean")).sort_values("val_acc", ascending=False)
-    lines = ["| recipe | changes over the base | compute (base = 1) | seeds | val acc | running / clean (subset) "
-             "train acc | kept / last epoch | seconds |", "|---|---|---|---|---|---|---|---|"]
-    for label, row in grouped.iterrows():
-        changes = ", ".join(f"`{k.removeprefix('train.resnet.')}={v}`" for k, v in json.loads(row.changes).items())
-        lines.append(f"| {label} | {changes or 'none'} | {row.relative_compute:.2f} | {row.seeds} | "
-                     f"{pct(row.val_acc)} | {pct(row.train_running_acc)} / {pct(row.train_clean_subset_acc)} | "
-                     f"{row.selected_epoch} / {row.epochs} | {row.seconds:.0f} |")
-    return lines
+    return markdown([{
+        "recipe": label,
+        "changes over the base": ", ".join(f"`{k.removeprefix('train.resnet.')}={v}`"
+                                           for k, v in json.loads(row.changes).items()) or "none",
+        "compute (base = 1)": f"{row.relative_compute:.2f}", "seeds": row.seeds, "val acc": pct(row.val_acc),
+        "running / clean (subset) train acc": f"{pct(row.train_running_acc)} / {pct(row.train_clean_subset_acc)}",
+        "kept / last epoch": f"{row.selected_epoch} / {row.epochs}", "seconds": f"{row.seconds:.0f}",
+    } for label, row in grouped.iterrows()])
 
 
 def screens_section() -> list[str]:
