@@ -2,7 +2,7 @@
 
 Run from the project root (scripts/device_run.sh --screen calls it on the GPU machine):
 
-    python scripts/screen.py --archive PATH --md5 MD5 --out DIR [--grid configs/screens/cpu_budget.yaml]
+    python scripts/screen.py --archive PATH --md5 MD5 --out DIR [--grid configs/screens/margin.yaml]
                              [--seeds 0] [--budget-s 480] [-S key=value ...]
 
 The grid file maps a label to overrides ({}: the recipe unchanged); an optional `base:` entry holds
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--archive", required=True)
     parser.add_argument("--md5", required=True)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--grid", type=Path, default=Path("configs/screens/cpu_budget.yaml"))
+    parser.add_argument("--grid", type=Path, default=Path("configs/screens/margin.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget-s", type=float, default=float("inf"))
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
