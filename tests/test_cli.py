@@ -76,7 +76,8 @@ def test_all_stopped_by_bad_data_leaves_no_mlflow_run(tmp_path, archive_url):
 def test_sigterm_stops_a_training_like_ctrl_c_and_marks_its_mlflow_run_failed(tmp_path, archive_url, tiny_archive):
     # `mlflow run` answers Ctrl-C by terminating its command: the run must not stay RUNNING in MLflow.
     params = tiny_params(archive_url, tiny_archive[1])
-    params["train"]["resnet"].update(model={"arch": "resnet", "width": 16, "blocks": [1, 1]}, epochs=30)
+    params["train"]["resnet"].update(model={"arch": "resnet", "width": 16, "blocks": [1, 1]}, epochs=30,
+                                     schedule_epochs=None)
     write_params(tmp_path, params)
     for stage in ("download", "normalize"):
         assert run_cli(stage, cwd=tmp_path).returncode == 0

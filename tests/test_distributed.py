@@ -120,7 +120,7 @@ def test_killing_the_launcher_ends_its_ranks_and_the_lock_lasts_as_long_as_they_
            marker.split("=")[0]: marker.split("=")[1]}
     env.pop("MLFLOW_RUN_ID", None)
     args = [sys.executable, "-m", "pipeline", "train", "resnet", "--no-progress"]
-    for override in (*BATCH, "train.nproc=2", "train.resnet.epochs=30"):
+    for override in (*BATCH, "train.nproc=2", "train.resnet.epochs=30", "train.resnet.schedule_epochs=null"):
         args += ["-S", override]
     launcher = subprocess.Popen(args, cwd=directory, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -314,7 +314,7 @@ def test_server_lost_during_training_keeps_the_outputs_and_log_run_records_them(
     params["train"].update(experiment=experiment, log_model=True)
     # Wide enough that 30 epochs outlast killing the server after the first one.
     params["train"][name].update(model={"arch": "resnet", "width": 16, "blocks": [1, 1], "dropout": 0.1,
-                                        "head_dropout": 0.1}, epochs=epochs)
+                                        "head_dropout": 0.1}, epochs=epochs, schedule_epochs=None)
     write_params(tmp_path, params)
     shutil.copytree(shared / paths.NORMALIZED, tmp_path / paths.NORMALIZED)
     env = pipeline_env(server.uri)
