@@ -52,9 +52,10 @@ def check_targets(config: Config, resnet: dict, trained: dict, classes: list[str
             "rule": f"validation accuracy > {targets.val_acc_min:.0%}",
             "value": f"{resnet['val_acc']:.2%}", "holds": resnet["val_acc"] > targets.val_acc_min,
         },
-        "train_acc": {
+        "train_running_acc": {
             "rule": f"training accuracy (running, training mode, selected epoch) < {targets.train_acc_max:.0%}",
-            "value": f"{trained['train_acc']:.2%}", "holds": trained["train_acc"] < targets.train_acc_max,
+            "value": f"{trained['train_running_acc']:.2%}",
+            "holds": trained["train_running_acc"] < targets.train_acc_max,
         },
         "epochs": {
             "rule": f"at most {targets.max_epochs} training epochs",
@@ -76,7 +77,7 @@ def comparison_table(rows: dict[str, dict]) -> pd.DataFrame:
     """The before/after table of the report, one column per model."""
     table = pd.DataFrame({
         name: {
-            "training accuracy, running (train mode)": f"{r['trained']['train_acc']:.2%}",
+            "training accuracy, running (train mode)": f"{r['trained']['train_running_acc']:.2%}",
             "training accuracy, clean (eval mode)": f"{r['train_acc']:.2%}",
             "validation accuracy": f"{r['val_acc']:.2%}",
             "test accuracy": f"{r['test_acc']:.2%}",

@@ -21,9 +21,9 @@ def learning_curves(histories: dict[str, pd.DataFrame], target_val: float | None
     for (name, history), color in zip(histories.items(), matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]):
         # Markers, so that a run of one epoch still shows its point.
         style = {"color": color, "marker": "o", "markersize": 3}
-        acc_ax.plot(history["epoch"], history["train_acc"], **style, label=f"{name} train")
+        acc_ax.plot(history["epoch"], history["train_running_acc"], **style, label=f"{name} train")
         acc_ax.plot(history["epoch"], history["val_acc"], **style, linestyle="--", label=f"{name} validation")
-        loss_ax.plot(history["epoch"], history["train_loss"], **style, label=f"{name} train")
+        loss_ax.plot(history["epoch"], history["train_running_loss"], **style, label=f"{name} train")
         loss_ax.plot(history["epoch"], history["val_loss"], **style, linestyle="--", label=f"{name} validation")
     if target_val is not None:
         acc_ax.axhline(target_val, color="gray", linewidth=0.8, linestyle=":", label=f"val target > {target_val:.0%}")

@@ -451,14 +451,15 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
 # run's page opens on accuracy and loss per epoch, then the kept epoch's figures, then speed. Counts and
 # choices (epochs, the selected epoch, the parameter count) are params and tags, not metrics.
 EPOCH_METRICS = {
-    "train_acc": "accuracy/train_running", "train_eval_acc": "accuracy/train_clean", "val_acc": "accuracy/val",
-    "train_loss": "loss/train_running", "train_eval_loss": "loss/train_clean", "val_loss": "loss/val",
+    "train_running_acc": "accuracy/train_running", "train_clean_subset_acc": "accuracy/train_clean",
+    "val_acc": "accuracy/val", "train_running_loss": "loss/train_running",
+    "train_clean_subset_loss": "loss/train_clean", "val_loss": "loss/val",
     "lr": "optimizer/lr", "epoch_time_s": "speed/epoch_time_s", "images_per_s": "speed/images_per_s",
 }
 SELECTED_METRICS = {  # from metrics/<name>.json: the kept epoch's figures, and the training's totals
-    "val_acc": "selected/val_acc", "train_acc": "selected/train_running_acc",
-    "train_eval_acc": "selected/train_clean_acc", "val_loss": "selected/val_loss",
-    "train_loss": "selected/train_running_loss", "train_time_s": "speed/train_time_s",
+    "val_acc": "selected/val_acc", "train_running_acc": "selected/train_running_acc",
+    "train_clean_subset_acc": "selected/train_clean_acc", "val_loss": "selected/val_loss",
+    "train_running_loss": "selected/train_running_loss", "train_time_s": "speed/train_time_s",
     "images_per_s": "speed/median_images_per_s",
 }
 

@@ -31,7 +31,7 @@ from pipeline.device import autocast, memory_format, select_device, to_device_te
 from pipeline.models import build_model
 from pipeline.scoring import predict, score
 
-CHECKPOINT_VERSION = 6  # raised whenever what a checkpoint holds changes: an older one is not resumed
+CHECKPOINT_VERSION = 7  # raised whenever what a checkpoint holds changes: an older one is not resumed
 PROGRESS_LINE_EVERY_S = 30.0  # where no progress bar can be drawn (under DVC), a plain line this often
 
 
@@ -155,7 +155,7 @@ class Selection:
     state: dict | None = None
 
     def admits(self, record: dict) -> bool:
-        return self.rule != "best_val_under_target" or record["train_acc"] < self.train_acc_max
+        return self.rule != "best_val_under_target" or record["train_running_acc"] < self.train_acc_max
 
     def consider(self, record: dict, scored: nn.Module) -> None:
         if self.admits(record) and (self.rule == "last" or record["val_acc"] > self.val_acc):
@@ -164,7 +164,7 @@ class Selection:
     def fall_back_to_last(self, record: dict, scored: nn.Module) -> None:
         """When the rule admitted no epoch (training accuracy never under the bound)."""
         if self.state is None:
-            print(f"no epoch had train_acc < {self.train_acc_max}: selecting the last epoch")
+            print(f"no epoch had running training accuracy < {self.train_acc_max}: selecting the last epoch")
             self.epoch, self.val_acc, self.state = record["epoch"], record["val_acc"], _cpu_state(scored)
 
     def model(self, config, device: torch.device) -> nn.Module:
@@ -285,7 +285,7 @@ def train_epoch(net: nn.Module, model: nn.Module, criterion: nn.Module, optimize
     seen = seen.item()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "lr": lr,
+    return {"train_running_loss": loss_sum.item() / seen, "train_running_acc": correct.item() / seen, "lr": lr,
             "images_per_s": seen / (time.perf_counter() - started)}
 
 
@@ -297,9 +297,9 @@ def progress_line(desc: str, done: int, total: int, images: int, seconds: float)
 def evaluate(scored: nn.Module, x_eval: Tensor, y_eval: Tensor, x_val: Tensor, y_val: Tensor,
              batch_size: int, bf16: bool) -> dict:
     """The scored weights in eval mode: on the fixed train subset ("clean" accuracy) and on validation."""
-    train_eval_loss, train_eval_acc = score(predict(scored, x_eval, batch_size, bf16), y_eval)
+    clean_loss, clean_acc = score(predict(scored, x_eval, batch_size, bf16), y_eval)
     val_loss, val_acc = score(predict(scored, x_val, batch_size, bf16), y_val)
-    return {"train_eval_loss": train_eval_loss, "train_eval_acc": train_eval_acc,
+    return {"train_clean_subset_loss": clean_loss, "train_clean_subset_acc": clean_acc,
             "val_loss": val_loss, "val_acc": val_acc}
 
 
@@ -392,9 +392,9 @@ def fit(
         running = train_epoch(net, model, criterion, optimizer, schedule, average, x_train, y_train, epoch_batches,
                               bf16, f"epoch {epoch}/{cfg.epochs}", progress and ctx.is_main)
         scores = evaluate(scored, x_eval, y_eval, x_val, y_val, settings.eval_batch_size, bf16)
-        record = {"epoch": epoch, "train_loss": running["train_loss"], "train_acc": running["train_acc"], **scores,
-                  "lr": running["lr"], "epoch_time_s": time.perf_counter() - started,
-                  "images_per_s": running["images_per_s"]}
+        record = {"epoch": epoch, "train_running_loss": running["train_running_loss"],
+                  "train_running_acc": running["train_running_acc"], **scores, "lr": running["lr"],
+                  "epoch_time_s": time.perf_counter() - started, "images_per_s": running["images_per_s"]}
         history.append(record)
         if not ctx.is_main:
             continue  # rank 0 alone selects, reports and checkpoints
@@ -414,8 +414,8 @@ def fit(
 
 def report(record: dict, epochs: int) -> None:
     print(
-        f"epoch {record['epoch']:2d}/{epochs}  loss {record['train_loss']:.4f}  train acc {record['train_acc']:.4f} "
-        f"(eval {record['train_eval_acc']:.4f})  val loss {record['val_loss']:.4f}  val acc {record['val_acc']:.4f}  "
+        f"epoch {record['epoch']:2d}/{epochs}  loss {record['train_running_loss']:.4f}  "
+        f"train acc {record['train_running_acc']:.4f} (clean {record['train_clean_subset_acc']:.4f})  val loss {record['val_loss']:.4f}  val acc {record['val_acc']:.4f}  "
         f"{record['epoch_time_s']:.1f}s  {record['images_per_s']:.0f} img/s",
         flush=True,
     )

@@ -56,8 +56,8 @@ def row(label: str, seed: int, base: dict, changes: dict, metrics: dict, seconds
     return {"label": label, "seed": seed, "base": json.dumps(base), "changes": json.dumps(changes),
             "relative_compute": relative_compute,
             "selected_epoch": metrics["selected_epoch"], "epochs": metrics["epochs"],
-            "val_acc": metrics["val_acc"], "train_running_acc": metrics["train_acc"],
-            "train_clean_subset_acc": metrics["train_eval_acc"], "seconds": seconds,
+            "val_acc": metrics["val_acc"], "train_running_acc": metrics["train_running_acc"],
+            "train_clean_subset_acc": metrics["train_clean_subset_acc"], "seconds": seconds,
             "device": tags.get("device"), "precision": tags.get("precision"), "run": run_id[:8],
             "data_md5": data_md5}
 
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
                             compute(cfg) / default_compute, cfg.data.md5))
             history = pd.read_csv(paths.history_file("resnet")).assign(label=label, seed=seed)
             epochs.append(history)
-            print(f"== {label} seed {seed}: val {metrics['val_acc']:.2%} running {metrics['train_acc']:.2%} "
+            print(f"== {label} seed {seed}: val {metrics['val_acc']:.2%} running {metrics['train_running_acc']:.2%} "
                   f"epoch {metrics['selected_epoch']} ({seconds:.0f} s)", flush=True)
             pd.DataFrame(rows).to_csv(args.out / f"{args.grid.stem}.csv", index=False)
             pd.concat(epochs).to_csv(args.out / f"{args.grid.stem}_epochs.csv", index=False)

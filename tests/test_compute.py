@@ -1,10 +1,13 @@
-"""pipeline/compute.py: a recipe's training FLOPs, counted by torch, over the epochs it runs."""
+"""pipeline/compute.py: a recipe's training FLOPs, counted by torch, over the epochs it runs; its speed here."""
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from pipeline.compute import training_flops, training_flops_per_image
+import pytest
+import torch
+
+from pipeline.compute import training_flops, training_flops_per_image, training_images_per_s
 from pipeline.config import BaselineModelConfig, Recipe
 
 
@@ -26,3 +29,8 @@ def test_a_run_counts_the_epochs_it_runs_not_the_schedule_it_plans():
     per_image = training_flops_per_image(recipe().model)
     assert training_flops(recipe(), 1000) == pytest.approx(per_image * 1000 * 3)
     assert training_flops(recipe(schedule="onecycle", schedule_epochs=20), 1000) == pytest.approx(per_image * 1000 * 3)
+
+
+def test_the_training_speed_is_measured_on_this_machine():
+    speed = training_images_per_s(recipe(), torch.device("cpu"), bf16=False)
+    assert math.isfinite(speed) and speed > 0

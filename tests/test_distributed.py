@@ -68,10 +68,10 @@ def test_two_processes_match_one_process_loss_history(prepared, tmp_path):
     one = pd.read_csv(single_dir / "plots/baseline/history.csv")
     two = pd.read_csv(double_dir / "plots/baseline/history.csv")
     assert len(one) == len(two) == 3
-    for key in ("train_loss", "val_loss"):
+    for key in ("train_running_loss", "val_loss"):
         relative = ((one[key] - two[key]).abs() / one[key]).max()
         assert relative < LOSS_TOLERANCE, (key, relative)
-    assert (one["train_acc"] - two["train_acc"]).abs().max() < 0.01  # counted over the global batch
+    assert (one["train_running_acc"] - two["train_running_acc"]).abs().max() < 0.01  # counted over the global batch
 
 
 def test_only_rank_zero_records_one_mlflow_run_and_the_outputs(prepared, tmp_path):

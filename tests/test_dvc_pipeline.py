@@ -105,7 +105,7 @@ def test_plots_and_metrics_render(repo):
     colours = [layer["encoding"]["color"] for layer in curves["layer"] if "color" in layer.get("encoding", {})]
     assert colours and all(c["field"] == "curve" for c in colours) and "color" not in curves["encoding"]
     named = {v["filename::field"] for v in curves["data"]["values"]}
-    assert named == {f"{m}/history.csv::{f}" for m in ("baseline", "resnet") for f in ("train_acc", "val_acc")}
+    assert named == {f"{m}/history.csv::{f}" for m in ("baseline", "resnet") for f in ("train_running_acc", "val_acc")}
 
 
 def test_results_document_is_written_from_the_committed_outputs(repo):

@@ -147,7 +147,7 @@ def test_a_queued_sweep_records_two_experiments_with_their_own_metrics(pushed, s
         assert "resnet" in data["metrics"]["metrics/headline.json"]["data"], "exp show lists its headline"
         # The full figures, in the experiment's own commit: not the timings, they differ anyway.
         metrics = json.loads(sh(pushed, "git", "show", f"{experiments[name]['rev']}:metrics/resnet.json").stdout)
-        results[name] = (metrics["train_loss"], metrics["val_loss"])
+        results[name] = (metrics["train_running_loss"], metrics["val_loss"])
     assert len(set(results.values())) == len(SWEEP), results
 
 

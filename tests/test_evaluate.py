@@ -88,7 +88,7 @@ def test_metrics_hold_before_after_figures_for_both_models(trained):
     per_class = pd.read_csv(paths.REPORTS / "per_class_test_acc.csv", index_col="class")
     assert list(per_class.index) == data.load_stats(paths.NORMALIZED)["classes"]
     assert list(per_class.columns) == ["baseline", "resnet"]
-    assert set(metrics["targets"]) == {"val_acc", "train_acc", "epochs", "no_augmentation", "cifar10_only"}
+    assert set(metrics["targets"]) == {"val_acc", "train_running_acc", "epochs", "no_augmentation", "cifar10_only"}
     # Where it was measured, with the precision `auto` chose there: training times depend on both.
     assert metrics["machine"]["device"] == "cpu" and metrics["machine"]["precision"] in ("bf16", "fp32")
     assert metrics["machine"]["precision"] == ("bf16" if uses_bf16("auto", torch.device("cpu")) else "fp32")

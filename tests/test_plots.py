@@ -10,8 +10,8 @@ from pipeline import plots
 
 
 def test_figures_render_and_are_not_retained(tmp_path):
-    history = pd.DataFrame({"epoch": [1, 2], "train_acc": [0.5, 0.7], "val_acc": [0.4, 0.6],
-                            "train_loss": [1.2, 0.8], "val_loss": [1.4, 1.0]})
+    history = pd.DataFrame({"epoch": [1, 2], "train_running_acc": [0.5, 0.7], "val_acc": [0.4, 0.6],
+                            "train_running_loss": [1.2, 0.8], "val_loss": [1.4, 1.0]})
     open_before = len(plt.get_fignums())
     for i in range(25):  # more than pyplot's 20-figure warning
         curves = plots.learning_curves({"baseline": history, "resnet": history}, 0.85, 0.92)
@@ -24,7 +24,7 @@ def test_figures_render_and_are_not_retained(tmp_path):
 
 
 def test_a_one_epoch_history_still_draws_its_points():
-    history = pd.DataFrame({"epoch": [1], "train_acc": [0.5], "val_acc": [0.4], "train_loss": [1.2], "val_loss": [1.4]})
+    history = pd.DataFrame({"epoch": [1], "train_running_acc": [0.5], "val_acc": [0.4], "train_running_loss": [1.2], "val_loss": [1.4]})
     curves = plots.learning_curves({"resnet": history})
     for ax in curves.axes:
         assert all(line.get_marker() not in (None, "None", "") for line in ax.lines), "a single point needs a marker"

@@ -74,12 +74,12 @@ def test_screens_are_listed_with_their_base_device_and_data_and_older_screens_st
 
 
 def test_the_selection_note_says_why_an_earlier_epoch_is_kept():
-    history = pd.DataFrame({"epoch": [1, 2, 3], "train_acc": [0.80, 0.91, 0.93], "val_acc": [0.80, 0.86, 0.85]})
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_running_acc": [0.80, 0.91, 0.93], "val_acc": [0.80, 0.86, 0.85]})
     note = results.selection_note(history, 2, "best_val_under_target", 0.92)
     assert "93.00%" in note and "not under the 92% bound" in note and "keeps epoch 2" in note
     assert "last epoch is kept" in results.selection_note(history, 3, "last", 0.92)
     # Kept for its validation accuracy alone: the bound is not the reason and is not named.
-    under = history.assign(train_acc=[0.80, 0.85, 0.90])
+    under = history.assign(train_running_acc=[0.80, 0.85, 0.90])
     assert "bound" not in results.selection_note(under, 2, "best_val_under_target", 0.92)
     assert "bound" not in results.selection_note(history, 2, "best_val", 0.92)
 
@@ -97,7 +97,7 @@ def test_the_pipeline_time_is_shown_stage_by_stage_against_the_goal():
 
 
 def test_the_epoch_table_names_the_clean_subset_that_was_scored():
-    history = pd.DataFrame({"epoch": [1, 2], "train_acc": [0.8, 0.9], "train_eval_acc": [0.85, 0.95],
+    history = pd.DataFrame({"epoch": [1, 2], "train_running_acc": [0.8, 0.9], "train_clean_subset_acc": [0.85, 0.95],
                             "val_acc": [0.8, 0.86], "val_loss": [0.6, 0.5], "lr": [0.1, 0.05],
                             "epoch_time_s": [100.0, 101.0]})
     assert "clean train acc (5,000-image subset)" in results.epochs_table(history, 2, 5000)[0]

@@ -231,7 +231,7 @@ def test_runs_params_and_epoch_metrics_are_in_the_server(shared):
         assert run.data.params["epochs"] == str(epochs)
         assert run.data.tags["dvc.stage"] == f"train_{name}"
         history = pd.read_csv(shared / paths.history_file(name))
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        for key in ("train_running_loss", "train_running_acc", "val_loss", "val_acc"):
             recorded = tracking.EPOCH_METRICS[key]
             points = sorted(client.get_metric_history(record["run_id"], recorded), key=lambda m: m.step)
             assert [m.step for m in points] == list(range(1, epochs + 1)), key
@@ -371,7 +371,7 @@ def test_server_lost_during_training_keeps_the_outputs_and_log_run_records_them(
     assert new.data.params["epochs"] == str(epochs)
     assert new.data.tags[tracking.RELOGGED_FROM_TAG] == run_id
     history = pd.read_csv(tmp_path / paths.history_file(name))
-    for key in ("train_acc", "val_acc", "val_loss", "lr"):
+    for key in ("train_running_acc", "val_acc", "val_loss", "lr"):
         recorded = tracking.EPOCH_METRICS[key]  # MLflow's name of the history.csv column
         points = sorted(client.get_metric_history(new.info.run_id, recorded), key=lambda m: m.step)
         assert [m.step for m in points] == list(range(1, epochs + 1)), key

@@ -34,10 +34,11 @@ from pipeline.train import (CHECKPOINT_VERSION, Checkpoint, Selection, batches, 
                             parameter_groups, train_step,
                             weight_average)
 from pipeline.scoring import predict, score
+from pipeline.compute import training_flops
 from tests.conftest import ROOT, enter_project, tiny_params
 
 TIMING = ("epoch_time_s", "images_per_s")  # the only fields allowed to differ between identical runs
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "train_eval_acc", "val_loss", "val_acc", "lr",
+HISTORY_COLUMNS = ["epoch", "train_running_loss", "train_running_acc", "train_clean_subset_acc", "val_loss", "val_acc", "lr",
                    "epoch_time_s", "images_per_s"]
 
 
@@ -114,10 +115,10 @@ def first_argmax(values: list[float]) -> int:
 def test_training_lowers_the_loss_and_learns_the_classes(tmp_path, model, epochs, optimizer, min_val_acc):
     """Chance is 10%; over seeds 0-7 the baseline reached 100% and the ResNet 90% or more."""
     result = run_fit(tmp_path, train_config(model=model, epochs=epochs, optimizer=optimizer, select="last"))
-    losses = [r["train_loss"] for r in result.history]
+    losses = [r["train_running_loss"] for r in result.history]
     assert losses[-1] < 0.5 * losses[0]
     assert result.history[-1]["val_acc"] > min_val_acc
-    assert result.history[-1]["train_eval_acc"] > min_val_acc
+    assert result.history[-1]["train_clean_subset_acc"] > min_val_acc
     assert val_accuracy(result.model) == pytest.approx(result.history[-1]["val_acc"])
 
 
@@ -142,9 +143,9 @@ def test_history_has_one_full_record_per_epoch(tmp_path):
     result = run_fit(tmp_path, train_config(epochs=2), SMALL_TRAIN, SMALL_VAL)
     assert [r["epoch"] for r in result.history] == [1, 2]
     for record in result.history:
-        assert set(HISTORY_COLUMNS) | {"train_eval_loss"} == set(record)
+        assert set(HISTORY_COLUMNS) | {"train_clean_subset_loss"} == set(record)
         assert all(math.isfinite(v) for v in record.values())
-        assert 0.0 <= record["train_acc"] <= 1.0 and 0.0 <= record["val_acc"] <= 1.0
+        assert 0.0 <= record["train_running_acc"] <= 1.0 and 0.0 <= record["val_acc"] <= 1.0
         assert record["epoch_time_s"] > 0 and record["images_per_s"] > 0
 
 
@@ -162,8 +163,8 @@ def test_best_val_under_target_skips_epochs_at_or_over_the_train_acc_bound(tmp_p
     history = run_fit(tmp_path, train_config(select="last")).history
     best = first_argmax([r["val_acc"] for r in history]) + 1
     # The bound excludes the best epoch itself: the rule must pick another one.
-    bound = history[best - 1]["train_acc"]
-    allowed = [r for r in history if r["train_acc"] < bound]
+    bound = history[best - 1]["train_running_acc"]
+    allowed = [r for r in history if r["train_running_acc"] < bound]
     assert allowed, "premise: some epoch trains below the bound"
     expected = max(allowed, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
     assert expected != best, "premise: the bound changes the choice"
@@ -171,14 +172,14 @@ def test_best_val_under_target_skips_epochs_at_or_over_the_train_acc_bound(tmp_p
     result = run_fit(tmp_path, train_config(select="best_val_under_target", select_train_acc_max=bound))
     assert without_timing(result.history) == without_timing(history)
     assert result.selected_epoch == expected
-    assert result.history[result.selected_epoch - 1]["train_acc"] < bound
+    assert result.history[result.selected_epoch - 1]["train_running_acc"] < bound
     assert val_accuracy(result.model) == pytest.approx(history[expected - 1]["val_acc"])
 
 
 def test_selection_keeps_the_best_validation_epoch_the_rule_admits():
     scored = torch.nn.Linear(2, 2)
-    records = [{"epoch": 1, "train_acc": 0.50, "val_acc": 0.60}, {"epoch": 2, "train_acc": 0.80, "val_acc": 0.70},
-               {"epoch": 3, "train_acc": 0.95, "val_acc": 0.90}, {"epoch": 4, "train_acc": 0.85, "val_acc": 0.65}]
+    records = [{"epoch": 1, "train_running_acc": 0.50, "val_acc": 0.60}, {"epoch": 2, "train_running_acc": 0.80, "val_acc": 0.70},
+               {"epoch": 3, "train_running_acc": 0.95, "val_acc": 0.90}, {"epoch": 4, "train_running_acc": 0.85, "val_acc": 0.65}]
     kept = {}
     for rule in ("last", "best_val_under_target"):
         selection = Selection(rule, train_acc_max=0.9)
@@ -190,11 +191,11 @@ def test_selection_keeps_the_best_validation_epoch_the_rule_admits():
 
 def test_best_val_under_target_falls_back_to_the_last_epoch(tmp_path, capsys):
     last = run_fit(tmp_path, train_config(select="last"))
-    assert min(r["train_acc"] for r in last.history) >= 0.01, "premise: no epoch trains below the bound"
+    assert min(r["train_running_acc"] for r in last.history) >= 0.01, "premise: no epoch trains below the bound"
 
     result = run_fit(tmp_path, train_config(select="best_val_under_target", select_train_acc_max=0.01))
     assert result.selected_epoch == 4
-    assert "no epoch had train_acc < 0.01: selecting the last epoch" in capsys.readouterr().out
+    assert "no epoch had running training accuracy < 0.01: selecting the last epoch" in capsys.readouterr().out
     assert all(torch.equal(result.state[k], last.state[k]) for k in last.state)
 
 
@@ -208,7 +209,7 @@ def test_every_optimizer_and_schedule_trains(tmp_path, optimizer, schedule):
                        optimizer={"name": optimizer, "lr": lr, "weight_decay": 1e-4})
     result = run_fit(tmp_path, cfg, SMALL_TRAIN, SMALL_VAL)
     assert [r["epoch"] for r in result.history] == [1, 2]
-    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in result.history)
+    assert all(math.isfinite(r["train_running_loss"]) and math.isfinite(r["val_loss"]) for r in result.history)
     torch.manual_seed(cfg.seed)
     initial = models.build_model(cfg.model).state_dict()  # what fit starts from
     assert any(not torch.equal(result.state[k], initial[k]) for k in initial if initial[k].is_floating_point())
@@ -334,7 +335,7 @@ def test_compiled_training_step_learns_like_the_eager_one(tmp_path):
                    progress=False)
     # Inductor fuses and reorders float arithmetic: close, not bit-identical.
     for ours, theirs in zip(eager.history, compiled.history):
-        assert theirs["train_loss"] == pytest.approx(ours["train_loss"], rel=1e-3)
+        assert theirs["train_running_loss"] == pytest.approx(ours["train_running_loss"], rel=1e-3)
         assert theirs["val_loss"] == pytest.approx(ours["val_loss"], rel=1e-3)
 
 
@@ -356,7 +357,7 @@ def test_bf16_training_learns_and_is_scored_in_bf16(tmp_path):
     result = fit(cfg, settings(precision="bf16"), TRAIN, VAL, Checkpoint(tmp_path / "checkpoint.pt", "f"),
                  progress=False)
     assert result.precision == "bf16"
-    assert result.history[-1]["train_loss"] < 0.5 * result.history[0]["train_loss"]
+    assert result.history[-1]["train_running_loss"] < 0.5 * result.history[0]["train_running_loss"]
     assert result.history[-1]["val_acc"] > 0.7
     assert val_accuracy(result.model, VAL, bf16=True) == pytest.approx(result.history[-1]["val_acc"])
 
@@ -428,8 +429,8 @@ def test_train_stage_writes_model_metrics_and_history(project, name):
 
     metrics = json.loads(paths.metrics_file(name).read_text())
     assert metrics == summary
-    assert {"selected_epoch", "epochs", "select", "train_acc", "train_eval_acc", "val_acc", "val_loss",
-            "train_loss", "train_time_s", "images_per_s", "parameters"} <= set(metrics)
+    assert {"selected_epoch", "epochs", "select", "train_running_acc", "train_clean_subset_acc", "val_acc", "val_loss",
+            "train_running_loss", "train_time_s", "images_per_s", "parameters"} <= set(metrics)
     assert metrics["epochs"] == train_cfg.epochs == 2 and metrics["select"] == train_cfg.select
     assert metrics["parameters"] == models.count_parameters(model)
 
@@ -437,7 +438,7 @@ def test_train_stage_writes_model_metrics_and_history(project, name):
     assert set(HISTORY_COLUMNS) <= set(history.columns)
     assert history["epoch"].tolist() == [1, 2]
     chosen = history.loc[history["epoch"] == metrics["selected_epoch"]].iloc[0]
-    for key in ("train_acc", "train_eval_acc", "val_acc", "val_loss", "train_loss"):
+    for key in ("train_running_acc", "train_clean_subset_acc", "val_acc", "val_loss", "train_running_loss"):
         assert metrics[key] == pytest.approx(chosen[key]), key
     assert metrics["train_time_s"] == pytest.approx(history["epoch_time_s"].sum())
 
@@ -476,6 +477,24 @@ def baseline_stopped_in_epoch_two(cfg, run_id: str | None = None) -> Path:
             Checkpoint(checkpoint, cfg.model_fingerprint("baseline"), run_id=run_id), on_epoch=stop_in_epoch_two,
             progress=False)
     return checkpoint
+
+
+def test_the_stage_first_says_what_it_trains_and_about_how_long_it_takes_here(project, capsys):
+    cfg = config.load()
+    download.run(cfg)
+    normalize.run(cfg)
+    capsys.readouterr()
+    train_stage.run(cfg, "resnet", progress=False)
+    first = capsys.readouterr().out.splitlines()[0]
+    recipe = cfg.train.resnet
+    match = re.fullmatch(rf"train_resnet: {recipe.epochs} epochs of ([\d,]+) images at batch {recipe.batch_size} on "
+                         r"cpu \((bf16|fp32)\), (\S+) training FLOPs: about (\d+) min here \((\d+) img/s measured "
+                         r"just now\)", first)
+    assert match, first
+    train_images = int(match[1].replace(",", ""))
+    assert train_images == len(load_split(paths.NORMALIZED, "train").labels)
+    assert float(match[3]) == pytest.approx(training_flops(recipe, train_images), rel=1e-2)
+    assert int(match[5]) > 0
 
 
 def test_checkpoint_of_other_params_is_ignored(project, capsys):
@@ -584,6 +603,8 @@ def test_killed_run_resumes_to_the_same_result_and_mlflow_run(tmp_path, monkeypa
     finish(uninterrupted, intact)
 
     assert f"resuming from {paths.checkpoint_file(name)} after epoch {state['epoch']} of {EPOCHS}" in resumed_log
+    left = EPOCHS - state["epoch"]
+    assert f"train_{name}: {EPOCHS} epochs ({state['epoch']} done: {left} to go)" in resumed_log
     assert f"epoch {state['epoch']:2d}/{EPOCHS}" not in resumed_log, "finished epochs are not trained again"
     assert f"epoch {EPOCHS:2d}/{EPOCHS}" in resumed_log
 

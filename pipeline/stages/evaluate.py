@@ -62,7 +62,7 @@ def run(config: Config, parent_run_id: str | None = None) -> dict:
         model, summary, histories[name], tracked[name] = _trained(config, name)
         rows[name] = evaluate.evaluate_model(model, splits, device, config.train.eval_batch_size, len(classes),
                                              bf16, label=name)
-        print(f"{name}: train acc {rows[name]['train_acc']:.4f}, val acc {rows[name]['val_acc']:.4f}, "
+        print(f"{name}: clean train acc {rows[name]['train_acc']:.4f}, val acc {rows[name]['val_acc']:.4f}, "
               f"test acc {rows[name]['test_acc']:.4f}", flush=True)
         rows[name]["trained"] = summary
         if tracked[name].get("complete") is False:  # the tracking server was lost during training
@@ -107,7 +107,7 @@ def _metrics(rows: dict, targets: dict, device: torch.device, bf16: bool) -> dic
     metrics = {
         name: {
             **{k: r[k] for k in ("train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "gap")},
-            "train_running_acc": r["trained"]["train_acc"],
+            "train_running_acc": r["trained"]["train_running_acc"],
             "selected_epoch": r["trained"]["selected_epoch"],
             "parameters": r["trained"]["parameters"],
             "train_time_s": r["trained"]["train_time_s"],

@@ -117,7 +117,7 @@ def train_seed(config: Config, progress: bool) -> dict:
             "machine": machine(),
             "val_acc": scored["val_acc"],
             "test_acc": scored["test_acc"],
-            "train_running_acc": chosen["train_acc"],
+            "train_running_acc": chosen["train_running_acc"],
             "train_acc": scored["train_acc"],
             "selected_epoch": result.selected_epoch,
             "train_time_s": sum(r["epoch_time_s"] for r in result.history),

@@ -9,8 +9,9 @@ import mlflow
 import pandas as pd
 
 from pipeline import data, distributed, models, paths, plots, tracking
-from pipeline.config import Config, Recipe
-from pipeline.device import select_device
+from pipeline.compute import training_flops, training_images_per_s
+from pipeline.config import Config, Recipe, TrainSection
+from pipeline.device import device_name, select_device, uses_bf16
 from pipeline.train import Checkpoint, FitResult, fit
 
 
@@ -22,11 +23,11 @@ def write_outputs(name: str, train_cfg: Recipe, result: FitResult, key: str) -> 
         "selected_epoch": int(result.selected_epoch),
         "epochs": int(train_cfg.epochs),
         "select": train_cfg.select,
-        "train_acc": float(chosen["train_acc"]),
-        "train_eval_acc": float(chosen["train_eval_acc"]),
+        "train_running_acc": float(chosen["train_running_acc"]),
+        "train_clean_subset_acc": float(chosen["train_clean_subset_acc"]),
         "val_acc": float(chosen["val_acc"]),
         "val_loss": float(chosen["val_loss"]),
-        "train_loss": float(chosen["train_loss"]),
+        "train_running_loss": float(chosen["train_running_loss"]),
         "train_time_s": float(history["epoch_time_s"].sum()),
         "images_per_s": float(history["images_per_s"].median()),
         "parameters": models.count_parameters(result.model),
@@ -39,6 +40,21 @@ def write_outputs(name: str, train_cfg: Recipe, result: FitResult, key: str) -> 
     with paths.replacing(paths.history_file(name)) as tmp:
         history.to_csv(tmp, index=False)
     return summary
+
+
+def plan(name: str, recipe: Recipe, settings: TrainSection, train_images: int, val_images: int,
+         epochs_done: int = 0) -> str:
+    """The stage's first line: what it trains, its compute, and about how long it takes on this machine."""
+    device = select_device(settings.device)
+    bf16 = uses_bf16(settings.precision, device)
+    speed = training_images_per_s(recipe, device, bf16) * distributed.context().world_size
+    # Each epoch also scores the clean subset and validation: a forward pass costs about a third of a step.
+    scored = (settings.eval_train_size or train_images) + val_images
+    minutes = (recipe.epochs - epochs_done) * (train_images + scored / 3) / speed / 60
+    left = f" ({epochs_done} done: {recipe.epochs - epochs_done} to go)" if epochs_done else ""
+    return (f"train_{name}: {recipe.epochs} epochs{left} of {train_images:,} images at batch {recipe.batch_size} on "
+            f"{device_name(device)} ({'bf16' if bf16 else 'fp32'}), {training_flops(recipe, train_images):.2e} "
+            f"training FLOPs: about {minutes:.0f} min here ({speed:.0f} img/s measured just now)")
 
 
 def run(config: Config, name: str, parent_run_id: str | None = None, progress: bool = True) -> dict:
@@ -54,6 +70,8 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
         fit(train_cfg, config.train, train, val, checkpoint, resume=resume, progress=False)
         return {}
     tracking.require_tracking(f"train_{name}")  # a tracking server that is down stops the stage before training
+    print(plan(name, train_cfg, config.train, len(train.labels), len(val.labels), resume["epoch"] if resume else 0),
+          flush=True)
 
     # Once the run is open, MLflow failures are recorded in `log` instead of failing the stage.
     log = tracking.StageLog(name)
@@ -81,6 +99,6 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
         tmp.write_text(json.dumps({"run_id": run.info.run_id, "model_uri": model_uri,
                                    "experiment": config.train.experiment, **log.status()}, indent=2) + "\n")
     log.report([str(paths.model_file(name)), str(paths.metrics_file(name)), str(paths.history_file(name))])
-    print(f"{name}: epoch {summary['selected_epoch']} selected ({train_cfg.select}); train acc "
-          f"{summary['train_acc']:.4f} (eval {summary['train_eval_acc']:.4f}), val acc {summary['val_acc']:.4f}")
+    print(f"{name}: epoch {summary['selected_epoch']} selected ({train_cfg.select}); running train acc "
+          f"{summary['train_running_acc']:.4f} (clean {summary['train_clean_subset_acc']:.4f}), val acc {summary['val_acc']:.4f}")
     return summary
