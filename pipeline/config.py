@@ -74,8 +74,9 @@ class ResNetModelConfig(Strict):
     dropout: Probability = 0.0  # inside every residual block, between its two convolutions
     head_dropout: Probability = 0.0  # before the classifier
     # How convolutions start: "kaiming" (He et al., 2015), or "torch": PyTorch's own default (uniform, bound
-    # 1/sqrt(fan_in)), weights about 2.4 times smaller than "kaiming"'s in a block. Batch norm follows every conv, so the scale does not change the function, but a
-    # step of the same rate turns small weights further: the net learns faster at the same rate.
+    # 1/sqrt(fan_in)), weights about 2.4 times smaller than "kaiming"'s in a block. Batch norm follows every
+    # conv, so the scale does not change the function, but a step of the same rate turns small weights
+    # further: the net learns faster at the same rate.
     conv_init: Literal["kaiming", "torch"] = "kaiming"
     # The residual block: "basic", He et al.'s (the shortcut added before the last ReLU; the branch starts at
     # zero), or "resnet9", the DAWNBench ResNet-9's (x + ReLU(BN(conv(...))): the sum is not rectified).

@@ -230,6 +230,30 @@ def _expected_members() -> set[str]:
     return {f"{BATCH_DIR}/{name}" for name in [*TRAIN_BATCHES, TEST_BATCH, META, README]}
 
 
+def _check_member(member: tarfile.TarInfo, name: str, wanted: set[str], seen: set[str], url: str) -> None:
+    """Refuse, naming it, a member that is not one of the official files, comes twice or is too large."""
+    if name not in wanted or not member.isfile():
+        kind = "a link" if (member.issym() or member.islnk()) else \
+            "a folder" if member.isdir() else "a special file" if not member.isfile() else "a file"
+        official = ", ".join(sorted(n.split("/")[1] for n in wanted))
+        raise DataError(
+            f"the archive from {url} is not CIFAR-10's python version: it holds {kind} "
+            f"'{_short(member.name)}', and the official archive holds only the regular files "
+            f"{BATCH_DIR}/{{{official}}}. Refused before extracting it; nothing was kept. Use the "
+            "official archive or a faithful copy of it."
+        )
+    if name in seen:
+        raise DataError(f"the archive from {url} holds '{name}' twice: which copy is meant is not "
+                        "known. The official archive holds each file once. Nothing was kept.")
+    cap = MEMBER_CAP_BYTES.get(name.split("/")[1], MEMBER_CAP_BYTES["batch"])
+    if member.size > cap:
+        raise DataError(
+            f"the archive from {url} is not CIFAR-10's python version: '{name}' is "
+            f"{member.size:,} bytes, more than the {cap:,} allowed for it (the official one is far "
+            "smaller). Refused before extracting it; nothing was kept."
+        )
+
+
 def _extract(archive: Path, dest: Path, url: str) -> None:
     """Extract the official members as plain files under dest; refuse anything else, naming it.
 
@@ -248,30 +272,10 @@ def _extract(archive: Path, dest: Path, url: str) -> None:
                 if member.isdir() and name == BATCH_DIR and name not in seen:
                     seen.add(name)
                     continue
-                if name not in wanted or not member.isfile():
-                    kind = "a link" if (member.issym() or member.islnk()) else \
-                        "a folder" if member.isdir() else "a special file" if not member.isfile() else "a file"
-                    official = ", ".join(sorted(n.split("/")[1] for n in wanted))
-                    raise DataError(
-                        f"the archive from {url} is not CIFAR-10's python version: it holds {kind} "
-                        f"'{_short(member.name)}', and the official archive holds only the regular files "
-                        f"{BATCH_DIR}/{{{official}}}. Refused before extracting it; nothing was kept. Use the "
-                        "official archive or a faithful copy of it."
-                    )
-                if name in seen:
-                    raise DataError(f"the archive from {url} holds '{name}' twice: which copy is meant is not "
-                                    "known. The official archive holds each file once. Nothing was kept.")
+                _check_member(member, name, wanted, seen, url)
                 seen.add(name)
-                cap = MEMBER_CAP_BYTES.get(name.split("/")[1], MEMBER_CAP_BYTES["batch"])
-                if member.size > cap:
-                    raise DataError(
-                        f"the archive from {url} is not CIFAR-10's python version: '{name}' is "
-                        f"{member.size:,} bytes, more than the {cap:,} allowed for it (the official one is far "
-                        "smaller). Refused before extracting it; nothing was kept."
-                    )
-                source = tar.extractfile(member)
                 with open(dest / name, "wb") as out:
-                    shutil.copyfileobj(source, out)  # member.size bytes exactly: the size just checked
+                    shutil.copyfileobj(tar.extractfile(member), out)  # member.size bytes: checked above
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(
             f"the archive from {url} matches data.md5 but cannot be extracted ({_short(exc)}): it is corrupt. "

@@ -69,16 +69,18 @@ def before_after(evaluated: dict, trained: dict[str, dict]) -> list[str]:
 
 
 def targets(evaluated: dict) -> list[str]:
-    names = {"val_acc": "validation accuracy > 85%", "train_running_acc": "running training accuracy < 92% at the kept epoch",
-             "epochs": "at most 30 epochs", "no_augmentation": "no data augmentation",
-             "cifar10_only": "CIFAR-10 only"}
-    return [f"- {'holds' if held else '**missed**'}: {names.get(key, key)}" for key, held in evaluated["targets"].items()]
+    names = {"val_acc": "validation accuracy > 85%",
+             "train_running_acc": "running training accuracy < 92% at the kept epoch", "epochs": "at most 30 epochs",
+             "no_augmentation": "no data augmentation", "cifar10_only": "CIFAR-10 only"}
+    return [f"- {'holds' if held else '**missed**'}: {names.get(key, key)}"
+            for key, held in evaluated["targets"].items()]
 
 
 def epochs_table(history: pd.DataFrame, selected: int, subset_size: int) -> list[str]:
     subset = f"{subset_size:,}-image subset" if subset_size else "whole train split"
     return markdown([{"epoch": f"{row.epoch}{' (kept)' if row.epoch == selected else ''}",
-                      "running train acc": pct(row.train_running_acc), f"clean train acc ({subset})": pct(row.train_clean_subset_acc),
+                      "running train acc": pct(row.train_running_acc),
+                      f"clean train acc ({subset})": pct(row.train_clean_subset_acc),
                       "val acc": pct(row.val_acc), "val loss": f"{row.val_loss:.3f}", "lr": f"{row.lr:.4f}",
                       "s": f"{row.epoch_time_s:.0f}"} for row in history.itertuples()])
 

@@ -335,27 +335,33 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
 
 
 def restore(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, average: AveragedModel | None,
-            selection: Selection) -> list[dict]:
-    """Puts a checkpoint's state back into the training objects; returns the history so far."""
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    schedule.load_state_dict(saved["schedule"])
-    if average is not None:
-        average.load_state_dict(saved["average"])
-    selection.load_dict(saved["best"])
+            selection: Selection, checkpoint: Checkpoint) -> list[dict] | None:
+    """Puts a checkpoint's state back into the training objects; returns the history so far, or None
+    (the checkpoint set aside) when its tensors do not fit."""
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        if average is not None:
+            average.load_state_dict(saved["average"])
+        selection.load_dict(saved["best"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        # Plain data with the right fingerprint whose tensors do not fit: the objects are half restored.
+        checkpoint.set_aside(f"its state does not fit this model ({type(exc).__name__})")
+        return None
     return saved["history"]
 
 
-def fit(
-    cfg: Recipe,
-    settings: TrainSection,
-    train: Split,
-    val: Split,
-    checkpoint: Checkpoint,
-    on_epoch: Callable[[dict], None] | None = None,
-    resume: dict | None = None,
-    progress: bool = True,
-) -> FitResult:
+def training_objects(cfg: Recipe, model: nn.Module, steps_per_epoch: int):
+    """The optimizer, its schedule over the planned epochs, and the weight average (None without one)."""
+    optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
+    schedule = make_schedule(cfg, optimizer, cfg.planned_epochs * steps_per_epoch)
+    average = weight_average(model, cfg.ema_decay) if cfg.ema_decay else None
+    return optimizer, schedule, average
+
+
+def fit(cfg: Recipe, settings: TrainSection, train: Split, val: Split, checkpoint: Checkpoint,
+        on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None, progress: bool = True) -> FitResult:
     ctx = distributed.context()
     device = select_device(settings.device, ctx.local_rank)
     distributed.init(device, cfg.batch_size)
@@ -363,45 +369,34 @@ def fit(
     bf16 = uses_bf16(settings.precision, device)
     x_train, y_train = to_device_tensor(train, device)
     x_val, y_val = to_device_tensor(val, device)
-    model, net = build_networks(cfg, settings, device)
     x_eval, y_eval = clean_subset(x_train, y_train, settings.eval_train_size, cfg.seed)
-
+    model, net = build_networks(cfg, settings, device)
     steps_per_epoch = len(batches(len(y_train), cfg.batch_size, cfg.seed, 0, ctx.world_size))
-    optimizer = make_optimizer(cfg, parameter_groups(model, cfg))
-    schedule = make_schedule(cfg, optimizer, cfg.planned_epochs * steps_per_epoch)
-    first_epoch = resume["epoch"] + 1 if resume else 1
-    average = weight_average(model, cfg.ema_decay) if cfg.ema_decay else None
+    optimizer, schedule, average = training_objects(cfg, model, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     selection = Selection(cfg.select, cfg.select_train_acc_max)
     history = []
     if resume is not None:
-        try:
-            history = restore(resume, model, optimizer, schedule, average, selection)
-        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
-            # Plain data with the right fingerprint whose tensors do not fit: the objects are half
-            # restored, so all of them are built afresh.
-            checkpoint.set_aside(f"its state does not fit this model ({type(exc).__name__})")
+        history = restore(resume, model, optimizer, schedule, average, selection, checkpoint)
+        if history is None:  # every object is built afresh
             return fit(cfg, settings, train, val, checkpoint, on_epoch, resume=None, progress=progress)
         print(f"resuming from {checkpoint.path} after epoch {resume['epoch']} of {cfg.epochs}")
     scored = average.module if average is not None else model  # the weights evaluated and selected
 
-    for epoch in range(first_epoch, cfg.epochs + 1):
+    for epoch in range(resume["epoch"] + 1 if resume else 1, cfg.epochs + 1):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
         started = time.perf_counter()
         epoch_batches = process_batches(len(y_train), cfg.batch_size, cfg.seed, epoch, device)
         running = train_epoch(net, model, criterion, optimizer, schedule, average, x_train, y_train, epoch_batches,
                               bf16, f"epoch {epoch}/{cfg.epochs}", progress and ctx.is_main)
         scores = evaluate(scored, x_eval, y_eval, x_val, y_val, settings.eval_batch_size, bf16)
-        record = {"epoch": epoch, "train_running_loss": running["train_running_loss"],
-                  "train_running_acc": running["train_running_acc"], **scores, "lr": running["lr"],
-                  "epoch_time_s": time.perf_counter() - started, "images_per_s": running["images_per_s"]}
-        history.append(record)
+        history.append(epoch_record(epoch, running, scores, time.perf_counter() - started))
         if not ctx.is_main:
             continue  # rank 0 alone selects, reports and checkpoints
-        selection.consider(record, scored)
-        report(record, cfg.epochs)
+        selection.consider(history[-1], scored)
+        report(history[-1], cfg.epochs)
         if on_epoch is not None:
-            on_epoch(record)
+            on_epoch(history[-1])
         checkpoint.save(epoch, epoch == cfg.epochs, **training_state(model, optimizer, schedule, average, selection,
                                                                      history))
     distributed.shutdown()
@@ -412,10 +407,18 @@ def fit(
     return FitResult(selection.model(cfg.model, device), history, selection.epoch, device, precision, selection.state)
 
 
+def epoch_record(epoch: int, running: dict, scores: dict, seconds: float) -> dict:
+    """A row of history.csv: the running figures, then the scored weights' figures, then the rate and speed."""
+    return {"epoch": epoch, "train_running_loss": running["train_running_loss"],
+            "train_running_acc": running["train_running_acc"], **scores, "lr": running["lr"],
+            "epoch_time_s": seconds, "images_per_s": running["images_per_s"]}
+
+
 def report(record: dict, epochs: int) -> None:
     print(
         f"epoch {record['epoch']:2d}/{epochs}  loss {record['train_running_loss']:.4f}  "
-        f"train acc {record['train_running_acc']:.4f} (clean {record['train_clean_subset_acc']:.4f})  val loss {record['val_loss']:.4f}  val acc {record['val_acc']:.4f}  "
+        f"train acc {record['train_running_acc']:.4f} (clean {record['train_clean_subset_acc']:.4f})  "
+        f"val loss {record['val_loss']:.4f}  val acc {record['val_acc']:.4f}  "
         f"{record['epoch_time_s']:.1f}s  {record['images_per_s']:.0f} img/s",
         flush=True,
     )

@@ -100,5 +100,6 @@ def run(config: Config, name: str, parent_run_id: str | None = None, progress: b
                                    "experiment": config.train.experiment, **log.status()}, indent=2) + "\n")
     log.report([str(paths.model_file(name)), str(paths.metrics_file(name)), str(paths.history_file(name))])
     print(f"{name}: epoch {summary['selected_epoch']} selected ({train_cfg.select}); running train acc "
-          f"{summary['train_running_acc']:.4f} (clean {summary['train_clean_subset_acc']:.4f}), val acc {summary['val_acc']:.4f}")
+          f"{summary['train_running_acc']:.4f} (clean {summary['train_clean_subset_acc']:.4f}), "
+          f"val acc {summary['val_acc']:.4f}")
     return summary
